@@ -1,0 +1,95 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""A synthetic, deterministic demo data set in the Med-AD layout: "anatomy" with one shared layout, abnormal
+images with lesion-like blobs, foreign textures or an organ in the wrong place (so position matters)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["DEMO_SIZES", "make_demo_dataset", "resolve_dataset_dir"]
+
+logger = logging.getLogger(__name__)
+
+# split -> (normal, abnormal)
+DEMO_SIZES = {"train": (300, 0), "unlabeled": (200, 300), "val": (50, 50), "test": (100, 100)}
+_SIZE = 96
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1.0
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
+    coarse = rng.normal(size=(size // scale + 2, size // scale + 2))
+    img = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((size + 2 * scale, size + 2 * scale), Image.BICUBIC))
+    return img[scale : scale + size, scale : scale + size]
+
+
+def _anatomy(rng: np.random.Generator, abnormality: str | None) -> np.ndarray:
+    """One (96, 96) image in [0, 1]: body, two lungs, spine, a heart on the left; optionally an abnormality."""
+    s = _SIZE
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    dy, dx = rng.uniform(-2, 2, size=2)
+    img = np.full((s, s), 0.05, np.float32)
+    img[_ellipse(yy, xx, 50 + dy, 48 + dx, 44, 40)] = 0.55
+    lungs = _ellipse(yy, xx, 46 + dy, 30 + dx, 26, 12) | _ellipse(yy, xx, 46 + dy, 66 + dx, 26, 12)
+    img[lungs] = 0.25
+    img[(np.abs(xx - 48 - dx) < 4) & (yy > 12)] = 0.8  # spine
+    heart_x = 38 if abnormality != "misplaced" else 58
+    heart = np.exp(-(((yy - 62 - dy) / 9) ** 2 + ((xx - heart_x - dx) / 8) ** 2))
+    img = np.maximum(img, 0.75 * heart)
+    img += 0.05 * np.sin((yy - dy) / 3.0) * lungs  # rib-like stripes
+    if abnormality == "blob":
+        side = rng.choice([30, 66])
+        cy, cx = 46 + dy + rng.uniform(-14, 14), side + dx + rng.uniform(-5, 5)
+        r = rng.uniform(4, 8)
+        img += rng.uniform(0.35, 0.55) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+    elif abnormality == "texture":
+        side = rng.choice([30, 66])
+        patch = _ellipse(yy, xx, 46 + dy + rng.uniform(-10, 10), side + dx, rng.uniform(7, 11), rng.uniform(6, 9))
+        img += 0.3 * patch * (rng.random((s, s)) > 0.5)
+    img *= rng.uniform(0.9, 1.1)
+    img += 0.03 * _smooth_noise(rng, s, 8) + 0.015 * rng.normal(size=(s, s))
+    return np.clip(img, 0, 1)
+
+
+def make_demo_dataset(root: str, seed: int = 0, sizes: dict | None = None) -> str:
+    """Write the demo set to ``root`` (``images/*.png`` + ``data.json``) unless it is already there; returns root.
+    The same seed and sizes give the same files byte for byte."""
+    sizes = sizes or DEMO_SIZES
+    if os.path.isfile(os.path.join(root, "data.json")):
+        return root
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    kinds = ["blob", "texture", "misplaced"]
+    lists: dict[str, dict[str, list[str]]] = {}
+    for split, (n_normal, n_abnormal) in sizes.items():
+        lists[split] = {"0": [], "1": []}
+        for label, count in (("0", n_normal), ("1", n_abnormal)):
+            for i in range(count):
+                kind = None if label == "0" else kinds[i % len(kinds)]
+                name = f"{split}_{label}_{i:04d}.png"
+                img = _anatomy(rng, kind)
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(root, "images", name))
+                lists[split][label].append(name)
+    data = {
+        "train": {"0": lists["train"]["0"], "unlabeled": lists["unlabeled"]},
+        "val": lists["val"],
+        "test": lists["test"],
+    }
+    tmp = os.path.join(root, "data.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, os.path.join(root, "data.json"))
+    logger.info(f"wrote the demo data set to {root}")
+    return root
+
+
+def resolve_dataset_dir(dataset_dir: str, demo_dir: str) -> str:
+    """``dataset_dir`` itself, or, for the value ``"demo"``, the demo set in ``demo_dir`` (generated if absent)."""
+    return make_demo_dataset(demo_dir) if dataset_dir == "demo" else dataset_dir

@@ -1,0 +1,1 @@
+from .trainer import SAGANTrainer, attach_handlers, loss_terms

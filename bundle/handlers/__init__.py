@@ -1,0 +1,3 @@
+from .checkpoint import AtomicCheckpointSaver, latest_checkpoint, resume_checkpoint
+from .evaluation_report import EvaluationReportHandler, precision_recall_curve, roc_curve
+from .tensorboard_images import RestorationImageHandler

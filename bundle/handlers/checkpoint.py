@@ -1,0 +1,60 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""Crash-safe checkpoints: MONAI's CheckpointSaver writing through a temporary file and an atomic rename."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping
+
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
+
+__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "resume_checkpoint"]
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite DiskSaver with ``atomic=True`` (temporary file, then ``os.replace``) and an optional fixed name.
+
+    With a fixed name the old file is never deleted before the new one is in place: the rename replaces it.
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        os.chmod(os.path.join(self.dirname, filename), 0o644)  # the temporary file was private to the user
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """``monai.handlers.CheckpointSaver`` whose every write is atomic, so that a kill at any moment leaves the
+    previous checkpoint readable (MONAI writes in place). Same arguments as ``CheckpointSaver``."""
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, getattr(checkpoint.save_handler, "filename", None))
+
+
+def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str | None:
+    """The most recently written full training checkpoint in ``ckpt_dir`` (None if there is none)."""
+    files = [f for f in glob.glob(os.path.join(ckpt_dir, pattern)) if os.path.isfile(f)]
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def resume_checkpoint(ckpt_dir: str, resume: bool) -> str | None:
+    """The checkpoint to resume from when ``resume`` is set; a clear error when there is none."""
+    if not resume:
+        return None
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume requested but {ckpt_dir} holds no checkpoint*.pt to resume from.")
+    return path

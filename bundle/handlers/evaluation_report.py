@@ -1,0 +1,107 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""Final evaluation outputs: metrics.json, per-image scores, ROC / precision-recall curves, extreme-case grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from ..visualize import restoration_grid
+
+__all__ = ["EvaluationReportHandler", "roc_curve", "precision_recall_curve"]
+
+logger = logging.getLogger(__name__)
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) over every threshold, from (0, 0) to (1, 1); ties kept together."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
+
+
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) over every threshold, highest threshold first."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+    return tp / max(tp[-1], 1), tp / (tp + fp)
+
+
+class EvaluationReportHandler:
+    """Collects (file, label, score, image, restored) from a decollated evaluator and, when it completes, writes
+    into ``output_dir``: ``metrics.json`` (the evaluator's metrics, e.g. AUC and AP), ``scores.csv``,
+    ``roc.png``, ``pr.png`` and ``extremes.png`` (the ``top_k`` highest- and lowest-scoring images with their
+    restored images and heat maps). It also prints the metrics.
+    """
+
+    def __init__(self, output_dir: str, top_k: int = 8, extra_info: dict | None = None) -> None:
+        self.output_dir = output_dir
+        self.top_k = top_k
+        self.extra_info = extra_info or {}
+        self.rows: list[tuple[str, int, float]] = []
+        self.images: list[torch.Tensor] = []
+        self.restored: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self.images, self.restored = [], [], []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            self.rows.append((str(item["filename"]), int(item["label"].item()), float(item["score"].item())))
+            self.images.append(torch.as_tensor(item["image"]).detach().cpu())
+            self.restored.append(torch.as_tensor(item["pred"]).detach().cpu())
+
+    def _write(self, engine: Engine) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        labels = np.array([r[1] for r in self.rows])
+        scores = np.array([r[2] for r in self.rows])
+        metrics = {k: float(v) for k, v in engine.state.metrics.items()}
+        report = {**metrics, "n_normal": int((labels == 0).sum()), "n_abnormal": int((labels == 1).sum())}
+        report.update(self.extra_info)
+        with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=4)
+        with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "label", "score"])
+            writer.writerows(self.rows)
+        name = {k: f"{k} = {v:.4f}" for k, v in metrics.items()}
+        for fname, (xs, ys), (xl, yl), key in (
+            ("roc.png", roc_curve(scores, labels), ("false positive rate", "true positive rate"), "auc"),
+            ("pr.png", precision_recall_curve(scores, labels), ("recall", "precision"), "ap"),
+        ):
+            fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+            ax.plot(xs, ys, lw=1.5)
+            ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1.01))
+            ax.set_title(", ".join(v for k, v in name.items() if k.endswith(key)) or fname[:-4], fontsize=9)
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.output_dir, fname))
+            plt.close(fig)
+        order = np.argsort(-scores, kind="stable")
+        k = min(self.top_k, len(order) // 2)
+        picked = list(order[:k]) + list(order[::-1][:k])
+        if picked:
+            grid = restoration_grid(torch.stack([self.images[i] for i in picked]), torch.stack([self.restored[i] for i in picked]))
+            plt.imsave(os.path.join(self.output_dir, "extremes.png"), grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        logger.info(f"evaluation on {len(self.rows)} images: {summary}; outputs in {self.output_dir}")
+        print(f"RESULT {summary} ({len(self.rows)} images; {self.output_dir}/metrics.json)", flush=True)

@@ -1,0 +1,245 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""SAGAN generator: a patch-wise U-Net with position codes (ACM), attention gates (ARRM) and
+multi-level feature fusion that turns an image into its healthy version (SPEC.md, "Generator")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+__all__ = [
+    "PositionalConditionEncoding",
+    "PositionBlock",
+    "ResidualBlock",
+    "DecoderResidualBlock",
+    "AttentionGate",
+    "SAGANGenerator",
+    "split_patches",
+    "stitch_patches",
+]
+
+_IN_AFFINE = ("instance", {"affine": True})
+_IN_PLAIN = ("instance", {"affine": False})
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False, norm=_IN_AFFINE, act="relu"):
+    """conv -> instance norm -> activation as one MONAI ``Convolution`` (norm/act may be ``None``)."""
+    return Convolution(
+        spatial_dims=2,
+        in_channels=cin,
+        out_channels=cout,
+        strides=stride,
+        kernel_size=kernel,
+        padding=(kernel - stride + 1) // 2 if stride > 1 else kernel // 2,
+        adn_ordering="NA",
+        act=act,
+        norm=norm,
+        bias=bias,
+    )
+
+
+def _up(cin: int, cout: int) -> Convolution:
+    """4x4 stride-2 transposed conv (no bias) -> IN(affine) -> ReLU, doubling the spatial size."""
+    return Convolution(
+        spatial_dims=2,
+        in_channels=cin,
+        out_channels=cout,
+        strides=2,
+        kernel_size=4,
+        padding=1,
+        output_padding=0,
+        is_transposed=True,
+        adn_ordering="NA",
+        act="relu",
+        norm=_IN_AFFINE,
+        bias=False,
+    )
+
+
+def split_patches(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*n*n, C, H/n, W/n): non-overlapping patches, image-major, row-major per image
+    (patch 0 = rows [0, H/n) x cols [0, W/n), patch 1 = same rows, next columns, ...)."""
+    if n == 1:
+        return x
+    b, c, h, w = x.shape
+    ph, pw = h // n, w // n
+    x = x.reshape(b, c, n, ph, n, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * n * n, c, ph, pw)
+
+
+def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact inverse of :func:`split_patches`: (B*n*n, C, h, w) -> (B, C, n*h, n*w)."""
+    if n == 1:
+        return p
+    bp, c, ph, pw = p.shape
+    b = bp // (n * n)
+    p = p.reshape(b, n, n, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    return p.reshape(b, c, n * ph, n * pw)
+
+
+class PositionalConditionEncoding(nn.Module):
+    """Binary position code of each patch, broadcast as constant feature maps (the ACM's input).
+
+    With ``n`` patches per side there are ``n*n`` patches and ``floor(log2(n*n)) + 1`` bits; patch ``k``
+    gets the binary digits of ``k``, most significant bit first. ``forward`` takes features
+    (B*n*n, C, h, w) ordered as :func:`split_patches` makes them and returns (B*n*n, C + bits, h, w).
+    """
+
+    def __init__(self, patches_per_side: int) -> None:
+        super().__init__()
+        num = patches_per_side * patches_per_side
+        self.num_patches = num
+        self.num_bits = int(math.floor(math.log2(num))) + 1
+        codes = torch.tensor([[(k >> (self.num_bits - 1 - i)) & 1 for i in range(self.num_bits)] for k in range(num)])
+        self.register_buffer("codes", codes.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bp, _, h, w = x.shape
+        code = self.codes.to(x.dtype).repeat(bp // self.num_patches, 1)  # (B*n*n, bits), image-major
+        return torch.cat([x, code[:, :, None, None].expand(bp, self.num_bits, h, w)], dim=1)
+
+
+class PositionBlock(nn.Module):
+    """ACM block: concatenate the position code, then 1x1 conv (bias) -> IN (no affine) -> ReLU back to C."""
+
+    def __init__(self, channels: int, encoding: PositionalConditionEncoding) -> None:
+        super().__init__()
+        self.encoding = encoding
+        self.fuse = _conv(channels + encoding.num_bits, channels, 1, bias=True, norm=_IN_PLAIN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.encoding(x))
+
+
+class ResidualBlock(nn.Module):
+    """Bottleneck block: x + IN(conv3x3(ReLU(IN(conv3x3(x))))), convs without bias (StarGAN style)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv(channels, channels, 3), _conv(channels, channels, 3, act=None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class DecoderResidualBlock(nn.Module):
+    """Decoder block "RB1": s = ReLU(IN(conv3x3(x))) (cin -> cout); out = s + IN(conv3x3(s)); no final ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.project = _conv(in_channels, out_channels, 3)
+        self.refine = _conv(out_channels, out_channels, 3, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.project(x)
+        return s + self.refine(s)
+
+
+class AttentionGate(nn.Module):
+    """ARRM attention gate: psi = sigmoid(IN(conv1x1(ReLU(IN(conv1x1(g)) + IN(conv1x1(x)))))), returns x * psi.
+
+    ``gate`` (B, Cg, h, w) and ``skip`` (B, Cx, h, w) share the spatial size; the output has the skip's shape
+    and psi is in (0, 1).
+    """
+
+    def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int) -> None:
+        super().__init__()
+        self.w_gate = _conv(gate_channels, inter_channels, 1, bias=True, norm=_IN_PLAIN, act=None)
+        self.w_skip = _conv(skip_channels, inter_channels, 1, bias=True, norm=_IN_PLAIN, act=None)
+        self.psi = _conv(inter_channels, 1, 1, bias=True, norm=_IN_PLAIN, act="sigmoid")
+
+    def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return skip * self.psi(torch.relu(self.w_gate(gate) + self.w_skip(skip)))
+
+
+class SAGANGenerator(nn.Module):
+    """SAGAN generator. Default arguments are the paper preset (44,758,979 parameters).
+
+    Args:
+        in_channels: image channels (1, grey).
+        conv_dim: base width; the encoder widths are conv_dim * (1, 2, 4, 8).
+        num_res_blocks: residual blocks in the bottleneck.
+        patches_per_side: N; the image is cut into N x N patches that go through the network as separate
+            batch items (N=1: no split).
+        position_code: use the anatomical consistency module (position code + position blocks).
+        attention_gates: use the abnormal region restoration module; off = the plain skip is concatenated.
+        keep_prob: probability of the delta mask keeping the additive map in train mode (1.0 = no gating).
+
+    ``forward`` takes (B, C, H, W) in [-1, 1], H and W divisible by 8*N, and returns the restored image, same
+    shape, in (-1, 1). Train mode draws a new delta mask at every call; eval mode is deterministic.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        conv_dim: int = 64,
+        num_res_blocks: int = 6,
+        patches_per_side: int = 2,
+        position_code: bool = True,
+        attention_gates: bool = True,
+        keep_prob: float = 0.95,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < keep_prob <= 1.0:
+            raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}.")
+        self.patches_per_side = patches_per_side
+        self.keep_prob = keep_prob
+        self.use_position_code = position_code
+        self.use_attention_gates = attention_gates
+        d1, d2, d4, d8 = conv_dim, conv_dim * 2, conv_dim * 4, conv_dim * 8
+        enc = PositionalConditionEncoding(patches_per_side)
+        self.encoding = enc
+
+        def position_block(c: int) -> nn.Module:
+            return PositionBlock(c, enc) if position_code else nn.Identity()
+
+        # encoder
+        self.stem = _conv(in_channels, d1, 7)
+        self.down1 = nn.Sequential(_conv(d1, d2, 4, stride=2), position_block(d2))
+        self.down2 = nn.Sequential(_conv(d2, d4, 4, stride=2), position_block(d4))
+        self.down3 = _conv(d4, d8, 4, stride=2)
+        # bottleneck
+        self.bottleneck = nn.Sequential(
+            position_block(d8), *[ResidualBlock(d8) for _ in range(num_res_blocks)]
+        )
+        # decoder
+        if attention_gates:
+            self.gate1 = AttentionGate(d8, d8, d8 // 2)
+            self.gate2 = AttentionGate(d4, d4, d4 // 2)
+            self.gate3 = AttentionGate(d2, d2, d2 // 2)
+        self.dec1 = nn.Sequential(DecoderResidualBlock(2 * d8, d8), _up(d8, d4))
+        self.dec2 = nn.Sequential(DecoderResidualBlock(2 * d4, d4), _up(d4, d2))
+        self.dec3 = nn.Sequential(DecoderResidualBlock(2 * d2, d2), _up(d2, d1))
+        # multi-level feature fusion
+        self.fuse1 = nn.Sequential(_up(d4, d2), _up(d2, d1))
+        self.fuse2 = _up(d2, d1)
+        self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), _conv(d1, in_channels, 7, norm=None, act=None))
+
+    def _skip(self, name: str, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)(gate, skip) if self.use_attention_gates else skip
+
+    def additive_map(self, p: torch.Tensor) -> torch.Tensor:
+        """The additive map I(x) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w)."""
+        y0 = self.stem(p)
+        y1 = self.down1(y0)
+        y2 = self.down2(y1)
+        emb = self.bottleneck(self.down3(y2))
+        out1 = self.dec1(torch.cat([emb, self._skip("gate1", emb, emb)], dim=1))
+        out2 = self.dec2(torch.cat([out1, self._skip("gate2", out1, y2)], dim=1))
+        out3 = self.dec3(torch.cat([out2, self._skip("gate3", out2, y1)], dim=1))
+        return self.head(torch.cat([self.fuse1(out1), self.fuse2(out2), out3], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.patches_per_side
+        h, w = x.shape[-2:]
+        if h % (8 * n) or w % (8 * n):
+            raise ValueError(f"image size {h}x{w} must be divisible by 8*N = {8 * n}.")
+        p = split_patches(x, n)
+        m = self.additive_map(p)
+        if self.training and self.keep_prob < 1.0:
+            delta = torch.rand_like(m) < self.keep_prob
+            m = torch.where(delta, m, p)
+        return stitch_patches(torch.tanh(m + p), n)

@@ -1,0 +1,105 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""Reading any supported 2D image (PNG/JPEG/BMP, DICOM, NIfTI) into one grey channel in [0, 1]."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, PydicomReader
+from monai.transforms import LoadImage, MapTransform
+
+__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale"]
+
+# ITU-R 601-2 luma, the weights of PIL's convert("L") used by the authors' pipeline
+_LUMA = (0.299, 0.587, 0.114)
+_PHOTOMETRIC_TAG = "00280004"
+
+
+class BadImageError(ValueError):
+    """An input image that cannot be used; the message names the file and what is wrong."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        super().__init__(f"{filename}: {problem}")
+        self.filename = filename
+        self.problem = problem
+
+
+def _loader() -> LoadImage:
+    # the DICOM reader keeps all tags so that MONOCHROME1 can be recognised; other formats fall back to
+    # MONAI's default readers chosen by suffix (PIL for PNG/JPEG/BMP, nibabel for NIfTI).
+    return LoadImage(
+        reader=[PydicomReader(prune_metadata=False)], image_only=True, ensure_channel_first=True, dtype=None
+    )
+
+
+def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadImage | None = None) -> MetaTensor:
+    """Read one image as a (1, S0, S1) float32 MetaTensor in [0, 1] (MONAI's spatial order, affine kept).
+
+    8-bit images are divided by 255 (as PIL + ToTensor do); anything else (12/16-bit DICOM after
+    rescale slope/intercept, float NIfTI) is min-max scaled. DICOM MONOCHROME1 is inverted so that
+    bright means dense. Colour images become grey with the ITU-R 601-2 luma weights. A 3D volume is refused
+    unless ``slice_index`` picks a slice along its last axis.
+
+    Raises:
+        BadImageError: missing, unreadable or corrupt file, not 2D, unsupported channel count, or no content.
+    """
+    filename = os.fspath(filename)
+    if not os.path.isfile(filename):
+        raise BadImageError(filename, "file not found")
+    try:
+        img = (loader or _loader())(filename)
+    except Exception as e:  # every reader raises its own error type; the user needs the file and the reason
+        raise BadImageError(filename, f"cannot read image ({type(e).__name__}: {e})") from e
+    spatial = tuple(img.shape[1:])
+    if len(spatial) == 3:
+        if spatial[-1] == 1:
+            img = img[..., 0]
+        elif slice_index is not None:
+            if not -spatial[-1] <= slice_index < spatial[-1]:
+                raise BadImageError(filename, f"slice_index {slice_index} outside a volume of {spatial[-1]} slices")
+            img = img[..., slice_index]
+        else:
+            raise BadImageError(
+                filename,
+                f"is a 3D volume of shape {spatial}; SAGAN works on 2D images: set slice_index to use one slice",
+            )
+    elif len(spatial) != 2:
+        raise BadImageError(filename, f"has {len(spatial)} spatial dimensions {spatial}; a 2D image is needed")
+    source_dtype = img.dtype
+    img = img.float()
+    channels = img.shape[0]
+    if channels in (3, 4):
+        img = sum(w * img[i : i + 1] for i, w in enumerate(_LUMA))
+    elif channels == 2:  # grey + alpha
+        img = img[:1]
+    elif channels != 1:
+        raise BadImageError(filename, f"has {channels} channels; expected grey (1), grey+alpha (2), RGB(A) (3/4)")
+    if not torch.isfinite(img).all():
+        raise BadImageError(filename, "contains NaN or infinite values")
+    if source_dtype == torch.uint8:
+        img = img / 255.0
+    else:
+        lo, hi = img.min(), img.max()
+        img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+    tag = img.meta.get(_PHOTOMETRIC_TAG) if isinstance(img, MetaTensor) else None
+    if isinstance(tag, Mapping) and "MONOCHROME1" in tag.get("Value", []):
+        img = 1.0 - img
+    return img
+
+
+class LoadGrayscaleImaged(MapTransform):
+    """Dictionary wrapper of :func:`load_grayscale`: replaces each file name by a (1, S0, S1) image in [0, 1]."""
+
+    def __init__(self, keys: KeysCollection, slice_index: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.slice_index = slice_index
+        self.loader = _loader()
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = load_grayscale(d[key], self.slice_index, self.loader)
+        return d

@@ -1,0 +1,39 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""Anomaly score and heat map from an image and its restored (healthy) version (SPEC.md, "Scoring")."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.transforms import MapTransform
+
+__all__ = ["anomaly_map", "anomaly_score", "AnomalyScored"]
+
+
+def anomaly_map(image: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    """Heat map |x - x'|, same shape as the inputs, values in [0, 2] for inputs in [-1, 1]."""
+    return (image - restored).abs()
+
+
+def anomaly_score(image: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    """Image-level score mean(|x - x'|) / 2 in [0, 1]: (B, C, H, W) -> (B,), or (C, H, W) -> ()."""
+    dims = tuple(range(-3, 0))
+    return anomaly_map(image, restored).mean(dim=dims) / 2.0
+
+
+class AnomalyScored(MapTransform):
+    """Adds ``heatmap`` (C, H, W) and ``score`` (1,) to a decollated item holding ``image`` and ``pred``."""
+
+    def __init__(
+        self, image_key: str = "image", pred_key: str = "pred", map_key: str = "heatmap", score_key: str = "score"
+    ) -> None:
+        super().__init__([image_key, pred_key])
+        self.image_key, self.pred_key, self.map_key, self.score_key = image_key, pred_key, map_key, score_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image, pred = torch.as_tensor(d[self.image_key]), torch.as_tensor(d[self.pred_key])
+        d[self.map_key] = anomaly_map(image, pred)
+        d[self.score_key] = anomaly_score(image, pred).reshape(1)
+        return d

@@ -1,0 +1,112 @@
+"""`python -m monai.bundle run` training -> evaluating -> inferring (and resuming) on a tiny generated set."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from .conftest import ROOT
+
+TINY_NET = ["--conv_dim", "4", "--num_res_blocks", "1"]
+TRAIN = ["--config_file", "configs/train.json", "--meta_file", "metadata.json"]
+EVAL = ["--config_file", "['configs/train.json','configs/evaluate.json']", "--meta_file", "metadata.json"]
+INFER = ["--config_file", "configs/inference.json", "--meta_file", "metadata.json"]
+
+
+def bundle_run(run_id, *args):
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", run_id, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert " - ERROR - " not in log, log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    common = ["--dataset_dir", tiny_dataset, "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "tb"),
+              "--d_conv_dim", "4", "--batch_size", "4", "--val_interval", "2", "--image_log_interval", "2", *TINY_NET]
+    log = bundle_run("training", *TRAIN, *common, "--iterations", "4")
+    return out, common, log
+
+
+def test_training_writes_checkpoints_and_tensorboard(trained):
+    out, _, log = trained
+    assert "val_auc" in log and "g_restoration" in log
+    files = sorted(os.listdir(out / "models"))
+    assert "model.pt" in files and "checkpoint_final.pt" in files and "checkpoint_epoch=2.pt" in files
+    full = torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)
+    assert set(full) >= {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"}
+    assert full["trainer"]["iteration"] == 4
+    best = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert "stem.conv.weight" in best  # a plain generator state dict, as the model zoo expects
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/g_loss", "train/d_loss", "train/gp", "val_auc", "val_ap"} <= set(tags["scalars"])
+    assert "restoration" in tags["images"]
+
+
+def test_resume_continues(trained):
+    out, common, _ = trained
+    log = bundle_run("training", *TRAIN, *common, "--iterations", "6", "--resume", "True")
+    assert "Restored all variables from" in log
+    assert torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 6
+
+
+def test_evaluating_writes_report(trained, tiny_dataset):
+    out, _, _ = trained
+    log = bundle_run("evaluating", *EVAL, "--dataset_dir", tiny_dataset, "--ckpt_dir", str(out / "models"),
+                     "--eval_dir", str(out / "eval"), *TINY_NET)
+    assert "RESULT auc" in log
+    metrics = json.load(open(out / "eval" / "metrics.json"))
+    assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["ap"] <= 1
+    assert metrics["n_normal"] == 6 and metrics["n_abnormal"] == 6 and metrics["split"] == "test"
+    rows = list(csv.DictReader(open(out / "eval" / "scores.csv")))
+    assert len(rows) == 12 and all(0 <= float(r["score"]) <= 1 for r in rows)
+    for name in ("roc.png", "pr.png", "extremes.png"):
+        assert os.path.getsize(out / "eval" / name) > 1000
+
+
+def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
+    from .test_io import ramp, write_dicom
+
+    out, _, _ = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(os.path.join(tiny_dataset, "images", "test_1_0000.png"), inputs / "chest.png")
+    nib.save(nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz")
+    write_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
+    bundle_run("inferring", *INFER, "--input_path", str(inputs), "--output_dir", str(out / "infer"),
+               "--model_path", str(out / "models" / "model.pt"), *TINY_NET)
+    produced = sorted(os.listdir(out / "infer"))
+    assert {"chest_heatmap.png", "scan_heatmap.png", "scan_heatmap.nii.gz", "xray_heatmap.png",
+            "xray_heatmap.nii.gz", "scores.csv"} <= set(produced)
+    assert "chest_heatmap.nii.gz" not in produced
+    rows = list(csv.reader(open(out / "infer" / "scores.csv")))
+    assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "xray.dcm"]
+    heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")
+    assert heat.shape[:2] == (64, 64)
+    assert np.allclose(np.abs(np.diag(heat.affine))[:2], [0.5 * 80 / 64, 0.5 * 72 / 64], atol=1e-3)
+
+
+def test_metadata_and_network_verify(tmp_path):
+    schema = os.path.join(ROOT, "..", "shared", "schemas", "meta_schema_20240725.json")
+    if not os.path.isfile(schema):
+        pytest.skip(f"{schema} is absent: verify_metadata would download it")
+    local = tmp_path / "schema.json"
+    shutil.copy(schema, local)
+    for cmd in (["verify_metadata", "--meta_file", "metadata.json", "--filepath", str(local)],
+                ["verify_net_in_out", "network_def", "--meta_file", "metadata.json", "--config_file",
+                 "configs/inference.json"]):
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0 and " - ERROR - " not in proc.stdout + proc.stderr, proc.stderr[-3000:]

@@ -1,0 +1,90 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from bundle.transforms import BadImageError, LoadGrayscaleImaged, load_grayscale
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def ramp(h=40, w=30, top=4095):
+    return (np.arange(h * w).reshape(h, w) * top // (h * w - 1)).astype(np.uint16)
+
+
+def test_png_8bit_grey_and_rgb(tmp_path):
+    a = np.arange(40 * 30, dtype=np.int64).reshape(40, 30) % 256
+    Image.fromarray(a.astype(np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.stack([a, a, a], -1).astype(np.uint8)).save(tmp_path / "c.jpg", quality=100)
+    g = load_grayscale(str(tmp_path / "g.png"))
+    assert g.shape == (1, 30, 40) and g.dtype == torch.float32  # MONAI's (x, y) order
+    assert torch.allclose(g[0].T, torch.as_tensor(a / 255.0, dtype=torch.float32))
+    c = load_grayscale(str(tmp_path / "c.jpg"))
+    assert c.shape == (1, 30, 40) and (c - g).abs().max() < 0.05
+
+
+def test_png_16bit_is_min_max_scaled(tmp_path):
+    Image.fromarray(ramp(top=40000)).save(tmp_path / "w.png")
+    x = load_grayscale(str(tmp_path / "w.png"))
+    assert x.min() == 0 and x.max() == 1
+
+
+def test_dicom_monochrome1_inverted_and_rescaled(tmp_path):
+    px = ramp()
+    m2 = load_grayscale(write_dicom(tmp_path / "m2.dcm", px, slope=2.0, intercept=-100.0))
+    m1 = load_grayscale(write_dicom(tmp_path / "m1.dcm", px, photometric="MONOCHROME1", slope=2.0, intercept=-100.0))
+    assert m2.shape == (1, 30, 40) and m2.min() == 0 and m2.max() == 1
+    assert torch.allclose(m1, 1 - m2)
+    # pixel (row 0, col 0) is the darkest in MONOCHROME2, the brightest after inverting MONOCHROME1
+    assert m2[0, 0, 0] == 0 and m1[0, 0, 0] == 1
+
+
+def test_nifti_2d_and_3d(tmp_path):
+    nib.save(nib.Nifti1Image(np.random.rand(30, 40).astype(np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    vol = np.random.rand(30, 40, 5).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    assert load_grayscale(str(tmp_path / "a.nii.gz")).shape == (1, 30, 40)
+    with pytest.raises(BadImageError, match=r"v.nii.gz: is a 3D volume of shape \(30, 40, 5\).*slice_index"):
+        load_grayscale(str(tmp_path / "v.nii.gz"))
+    s = LoadGrayscaleImaged("image", slice_index=2)({"image": str(tmp_path / "v.nii.gz")})["image"]
+    v2 = vol[..., 2]
+    assert torch.allclose(s[0], torch.as_tensor((v2 - v2.min()) / (v2.max() - v2.min())), atol=1e-6)
+    with pytest.raises(BadImageError, match="slice_index 9 outside a volume of 5 slices"):
+        load_grayscale(str(tmp_path / "v.nii.gz"), slice_index=9)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("missing.png", None, "missing.png: file not found"),
+        ("corrupt.png", b"\x89PNG\r\n\x1a\nbroken", "corrupt.png: cannot read image"),
+        ("empty.jpg", b"", "empty.jpg: cannot read image"),
+        ("corrupt.dcm", b"DICM" * 10, "corrupt.dcm: cannot read image"),
+    ],
+)
+def test_bad_files_named(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(BadImageError, match=message):
+        load_grayscale(str(tmp_path / name))

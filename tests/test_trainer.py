@@ -1,0 +1,114 @@
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader
+from monai.handlers import CheckpointLoader
+from monai.utils import set_determinism
+from PIL import Image
+
+from bundle.data import ImageCache, SAGANTrainingDataset
+from bundle.engines import SAGANTrainer, attach_handlers
+from bundle.handlers import AtomicCheckpointSaver, latest_checkpoint
+from bundle.networks import PatchDiscriminator, SAGANGenerator
+from bundle.transforms import BadImageError, ForeignPatchInterpolationd, LoadGrayscaleImaged
+
+
+def in_memory(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ImageCache([{"image": torch.rand(1, 32, 32, generator=g) * 2 - 1} for _ in range(n)], transform=lambda d: d)
+
+
+def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
+    set_determinism(seed=0)
+    g = SAGANGenerator(conv_dim=4, num_res_blocks=1)
+    d = PatchDiscriminator(conv_dim=4, num_layers=4)
+    g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    ds = SAGANTrainingDataset(in_memory(8, 0), unlabeled if unlabeled is not None else in_memory(8, 1),
+                              ForeignPatchInterpolationd(keys="normal"))
+    loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    trainer = SAGANTrainer("cpu", max_epochs, loader, g, d, g_opt, d_opt, epoch_length=epoch_length)
+    return trainer
+
+
+def checkpoint_dict(t):
+    return {"generator": t.generator, "discriminator": t.discriminator, "g_optimizer": t.g_optimizer,
+            "d_optimizer": t.d_optimizer, "trainer": t}
+
+
+def test_critic_every_iteration_generator_every_second():
+    trainer = build(max_epochs=3)
+    steps = {"d": [], "g": []}
+    trainer.d_optimizer.register_step_post_hook(lambda *a: steps["d"].append(trainer.state.iteration))
+    trainer.g_optimizer.register_step_post_hook(lambda *a: steps["g"].append(trainer.state.iteration))
+    g_before = [p.detach().clone() for p in trainer.generator.parameters()]
+    trainer.run()
+    assert steps["d"] == [1, 2, 3, 4, 5, 6]
+    assert steps["g"] == [2, 4, 6]
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
+    out = trainer.state.output
+    assert {"d_loss", "d_real", "d_fake", "gp", "g_loss", "g_adv", "g_identity", "g_restoration"} <= set(out)
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_zero_unlabeled_setting_uses_pseudo_anomalies():
+    trainer = build(max_epochs=1, unlabeled=ImageCache([], transform=None, cache=False))
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["g_loss"])
+
+
+def test_resume_continues_iteration_count_and_optimiser_state(tmp_path):
+    first = build(max_epochs=2)
+    attach_handlers(first, [AtomicCheckpointSaver(str(tmp_path), checkpoint_dict(first), file_prefix="",
+                                                  save_interval=1, n_saved=2, save_final=True,
+                                                  final_filename="checkpoint_final.pt")])
+    first.run()
+    assert first.state.iteration == 4
+    path = latest_checkpoint(str(tmp_path))
+    assert path.endswith("checkpoint_final.pt")
+    saved = torch.load(path, weights_only=True)
+    assert saved["trainer"]["iteration"] == 4
+    second = build(max_epochs=4)
+    seen = []
+    second.g_optimizer.register_step_post_hook(lambda *a: seen.append(second.state.iteration))
+    attach_handlers(second, [CheckpointLoader(path, checkpoint_dict(second))])
+    second.run()
+    assert seen == [6, 8]  # continued at iteration 5, not 1
+    assert second.state.iteration == 8
+    step = second.g_optimizer.state_dict()["state"][0]["step"]
+    assert int(step) == 2 + 2  # two generator steps before the resume, two after
+
+
+def write_png(path, seed):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_file_going_bad_during_run(tmp_path, caplog, mode):
+    files = [str(tmp_path / f"u{i}.png") for i in range(8)]
+    for i, f in enumerate(files):
+        write_png(f, i)
+    unlabeled = ImageCache([{"image": f} for f in files], LoadGrayscaleImaged("image"), cache=False, on_bad_image=mode)
+    trainer = build(max_epochs=3, unlabeled=unlabeled)
+    ckpt = tmp_path / "ckpt"
+    attach_handlers(trainer, [AtomicCheckpointSaver(str(ckpt), checkpoint_dict(trainer), save_final=True,
+                                                    final_filename="checkpoint_final.pt")])
+
+    @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED(once=2))
+    def corrupt(_):
+        with open(files[3], "wb") as f:
+            f.write(b"not an image")
+
+    if mode == "error":
+        with pytest.raises(BadImageError, match="u3.png: cannot read image"):
+            trainer.run()
+        saved = torch.load(ckpt / "checkpoint_final.pt", weights_only=True)
+        assert saved["trainer"]["iteration"] >= 2
+    else:
+        with caplog.at_level(logging.WARNING):
+            trainer.run()
+        assert trainer.state.iteration == 6
+        assert any("u3.png" in r.getMessage() for r in caplog.records)
+        assert os.path.isfile(ckpt / "checkpoint_final.pt")
