@@ -24,6 +24,7 @@ __all__ = [
     "MedADDatalist",
     "load_medad_datalist",
     "select_unlabeled",
+    "image_items",
     "labelled_items",
     "list_images",
     "ImageCache",
@@ -132,13 +133,27 @@ def select_unlabeled(
                 f"{size} unlabeled images at anomaly ratio {anomaly_ratio}."
             )
     rng = np.random.default_rng(seed)
-    abnormal = [datalist.unlabeled_abnormal[i] for i in sorted(rng.choice(len(datalist.unlabeled_abnormal), n_abnormal, replace=False))]
-    normal = [datalist.unlabeled_normal[i] for i in sorted(rng.choice(len(datalist.unlabeled_normal), n_normal, replace=False))]
+    abnormal = [
+        datalist.unlabeled_abnormal[i]
+        for i in sorted(rng.choice(len(datalist.unlabeled_abnormal), n_abnormal, replace=False))
+    ]
+    normal = [
+        datalist.unlabeled_normal[i]
+        for i in sorted(rng.choice(len(datalist.unlabeled_normal), n_normal, replace=False))
+    ]
     return normal + abnormal
 
 
+def image_items(files: Sequence[str]) -> list[dict]:
+    """``[{"image": file}, ...]``: the item form that ``ImageCache`` and MONAI datasets take."""
+    return [{"image": f} for f in files]
+
+
 def labelled_items(datalist: MedADDatalist, split: str) -> list[dict]:
-    """``[{"image": path, "label": 0 or 1, "filename": path}, ...]`` of ``val`` or ``test``; both classes must be present."""
+    """``[{"image": path, "label": 0 or 1, "filename": path}, ...]`` of ``val`` or ``test``.
+
+    Raises:
+        DatalistError: the split is absent or one of its classes is empty (AUC and AP need both)."""
     files = getattr(datalist, split)
     if not files:
         raise DatalistError(f"{datalist.root}/data.json: no '{split}' split; it is needed for AUC and AP.")
@@ -157,7 +172,9 @@ def list_images(path: str | Sequence[str]) -> list[dict]:
         files = [os.fspath(p) for p in path]
     elif os.path.isdir(path):
         files = sorted(
-            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
+            os.path.join(path, f)
+            for f in os.listdir(path)
+            if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
         )
         if not files:
             raise DatalistError(f"{path}: no images with a supported suffix {IMAGE_SUFFIXES}.")
@@ -165,7 +182,7 @@ def list_images(path: str | Sequence[str]) -> list[dict]:
         files = [os.fspath(path)]
     else:
         raise DatalistError(f"{path}: no such file or folder.")
-    return [{"image": f} for f in files]
+    return image_items(files)
 
 
 class ImageCache(torch.utils.data.Dataset):
@@ -275,7 +292,9 @@ def display_batch(dataset: ImageCache, per_class: int = 4) -> torch.Tensor:
     """The first ``per_class`` normal and abnormal images of a labelled cache as (K, 1, H, W), for image grids."""
     picked: list[torch.Tensor] = []
     for label in (0, 1):
-        picked += [torch.as_tensor(it["image"]) for it in (dataset[i] for i in range(len(dataset))) if int(it["label"]) == label][
-            :per_class
-        ]
+        picked += [
+            torch.as_tensor(it["image"])
+            for it in (dataset[i] for i in range(len(dataset)))
+            if int(it["label"]) == label
+        ][:per_class]
     return torch.stack([p.as_tensor() if hasattr(p, "as_tensor") else p for p in picked])

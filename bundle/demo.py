@@ -26,7 +26,9 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
     coarse = rng.normal(size=(size // scale + 2, size // scale + 2))
-    img = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((size + 2 * scale, size + 2 * scale), Image.BICUBIC))
+    img = np.asarray(
+        Image.fromarray(coarse.astype(np.float32)).resize((size + 2 * scale, size + 2 * scale), Image.BICUBIC)
+    )
     return img[scale : scale + size, scale : scale + size]
 
 

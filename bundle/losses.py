@@ -41,7 +41,8 @@ def generator_loss_terms(
     lambda_identity: float = 1.0,
     lambda_restoration: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """G loss = -mean(D(fake)) + lambda_identity * mean|x_n - G(x_n)| + lambda_restoration * mean((x_n - G(FPI(x_n)))^2).
+    """G loss = -mean(D(fake)) + lambda_identity * mean|x_n - G(x_n)|
+    + lambda_restoration * mean((x_n - G(FPI(x_n)))^2).
 
     Returns the scalar terms ``g_adv``, ``g_identity``, ``g_restoration`` and ``g_loss``."""
     adv = -critic(fake).mean()

@@ -27,9 +27,25 @@ VAL = re.compile(r"Epoch\[(\d+)\] Metrics -- val_ap: ([0-9.]+) val_auc: ([0-9.]+
 def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
     out = os.path.join(args.out, f"{name}_seed{seed}")
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--meta_file", "metadata.json", "--dataset_dir", args.dataset_dir, "--seed", str(seed),
-           "--ckpt_dir", os.path.join(out, "models"), "--output_dir", os.path.join(out, "tb")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--meta_file",
+        "metadata.json",
+        "--dataset_dir",
+        args.dataset_dir,
+        "--seed",
+        str(seed),
+        "--ckpt_dir",
+        os.path.join(out, "models"),
+        "--output_dir",
+        os.path.join(out, "tb"),
+    ]
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     start = time.perf_counter()
@@ -38,9 +54,16 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> 
     text = open(os.path.join(out, "log.txt")).read()
     best = BEST.findall(text)
     curve = [(int(e), float(auc), float(ap)) for e, ap, auc in VAL.findall(text)]
-    return {"name": name, "seed": seed, "rc": rc, "seconds": round(time.perf_counter() - start, 1),
-            "best_val_auc": float(best[-1][0]) if best else None, "best_epoch": int(best[-1][1]) if best else None,
-            "val_curve": curve, "overrides": overrides}
+    return {
+        "name": name,
+        "seed": seed,
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "best_val_auc": float(best[-1][0]) if best else None,
+        "best_epoch": int(best[-1][1]) if best else None,
+        "val_curve": curve,
+        "overrides": overrides,
+    }
 
 
 def main() -> None:

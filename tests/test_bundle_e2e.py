@@ -21,8 +21,13 @@ INFER = ["--config_file", "configs/inference.json", "--meta_file", "metadata.jso
 
 
 def bundle_run(run_id, *args):
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", run_id, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", run_id, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert " - ERROR - " not in log, log[-4000:]
@@ -32,8 +37,27 @@ def bundle_run(run_id, *args):
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    common = ["--dataset_dir", tiny_dataset, "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "tb"),
-              "--d_conv_dim", "4", "--batch_size", "4", "--val_interval", "2", "--image_log_interval", "2", *TINY_NET]
+    common = [
+        "--dataset_dir",
+        tiny_dataset,
+        "--ckpt_dir",
+        str(out / "models"),
+        "--output_dir",
+        str(out / "tb"),
+        "--d_conv_dim",
+        "4",
+        "--batch_size",
+        "4",
+        "--val_interval",
+        "2",
+        "--image_log_interval",
+        "2",
+        "--log_interval",
+        "1",
+        "--tensorboard_interval",
+        "1",
+        *TINY_NET,
+    ]
     log = bundle_run("training", *TRAIN, *common, "--iterations", "4")
     return out, common, log
 
@@ -52,7 +76,9 @@ def test_training_writes_checkpoints_and_tensorboard(trained):
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    assert {"train/g_loss", "train/d_loss", "train/gp", "val_auc", "val_ap"} <= set(tags["scalars"])
+    assert {"g_loss", "g_adv", "g_identity", "g_restoration", "d_loss", "gp", "val_auc", "val_ap"} <= set(
+        tags["scalars"]
+    )
     assert "restoration" in tags["images"]
 
 
@@ -65,8 +91,17 @@ def test_resume_continues(trained):
 
 def test_evaluating_writes_report(trained, tiny_dataset):
     out, _, _ = trained
-    log = bundle_run("evaluating", *EVAL, "--dataset_dir", tiny_dataset, "--ckpt_dir", str(out / "models"),
-                     "--eval_dir", str(out / "eval"), *TINY_NET)
+    log = bundle_run(
+        "evaluating",
+        *EVAL,
+        "--dataset_dir",
+        tiny_dataset,
+        "--ckpt_dir",
+        str(out / "models"),
+        "--eval_dir",
+        str(out / "eval"),
+        *TINY_NET,
+    )
     assert "RESULT auc" in log
     metrics = json.load(open(out / "eval" / "metrics.json"))
     assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["ap"] <= 1
@@ -84,13 +119,30 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     shutil.copy(os.path.join(tiny_dataset, "images", "test_1_0000.png"), inputs / "chest.png")
-    nib.save(nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz"
+    )
     write_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
-    bundle_run("inferring", *INFER, "--input_path", str(inputs), "--output_dir", str(out / "infer"),
-               "--model_path", str(out / "models" / "model.pt"), *TINY_NET)
+    bundle_run(
+        "inferring",
+        *INFER,
+        "--input_path",
+        str(inputs),
+        "--output_dir",
+        str(out / "infer"),
+        "--model_path",
+        str(out / "models" / "model.pt"),
+        *TINY_NET,
+    )
     produced = sorted(os.listdir(out / "infer"))
-    assert {"chest_heatmap.png", "scan_heatmap.png", "scan_heatmap.nii.gz", "xray_heatmap.png",
-            "xray_heatmap.nii.gz", "scores.csv"} <= set(produced)
+    assert {
+        "chest_heatmap.png",
+        "scan_heatmap.png",
+        "scan_heatmap.nii.gz",
+        "xray_heatmap.png",
+        "xray_heatmap.nii.gz",
+        "scores.csv",
+    } <= set(produced)
     assert "chest_heatmap.nii.gz" not in produced
     rows = list(csv.reader(open(out / "infer" / "scores.csv")))
     assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "xray.dcm"]
@@ -105,8 +157,9 @@ def test_metadata_and_network_verify(tmp_path):
         pytest.skip(f"{schema} is absent: verify_metadata would download it")
     local = tmp_path / "schema.json"
     shutil.copy(schema, local)
-    for cmd in (["verify_metadata", "--meta_file", "metadata.json", "--filepath", str(local)],
-                ["verify_net_in_out", "network_def", "--meta_file", "metadata.json", "--config_file",
-                 "configs/inference.json"]):
+    for cmd in (
+        ["verify_metadata", "--meta_file", "metadata.json", "--filepath", str(local)],
+        ["verify_net_in_out", "network_def", "--meta_file", "metadata.json", "--config_file", "configs/inference.json"],
+    ):
         proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and " - ERROR - " not in proc.stdout + proc.stderr, proc.stderr[-3000:]

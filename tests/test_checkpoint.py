@@ -20,8 +20,9 @@ def engine_with_metric(values):
 def test_best_model_replaced_atomically_and_survives_a_kill(tmp_path, monkeypatch):
     net = torch.nn.Linear(2, 1)
     engine = engine_with_metric([0.5, 0.7, 0.9])
-    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_auc",
-                          key_metric_filename="model.pt").attach(engine)
+    AtomicCheckpointSaver(
+        str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_auc", key_metric_filename="model.pt"
+    ).attach(engine)
     calls = {"n": 0}
     real_save = torch.save
 
@@ -51,8 +52,9 @@ def test_best_model_kept_when_metric_improves(tmp_path):
     def change(e):
         net.weight.data.fill_(float(e.state.epoch))
 
-    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_auc",
-                          key_metric_filename="model.pt").attach(engine)
+    AtomicCheckpointSaver(
+        str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_auc", key_metric_filename="model.pt"
+    ).attach(engine)
     engine.run([0], max_epochs=3)
     assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], torch.full((1, 2), 2.0))
 

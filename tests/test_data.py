@@ -29,7 +29,9 @@ def test_parse_tiny_set(tiny_dataset):
 
 
 def test_without_val(tmp_path):
-    root = write_set(tmp_path, {"train": {"0": ["a.png", "b.png"]}, "test": {"0": ["a.png"], "1": ["b.png"]}}, ["a.png", "b.png"])
+    root = write_set(
+        tmp_path, {"train": {"0": ["a.png", "b.png"]}, "test": {"0": ["a.png"], "1": ["b.png"]}}, ["a.png", "b.png"]
+    )
     dl = load_medad_datalist(root)
     assert dl.val == {} and dl.unlabeled_abnormal == []
     with pytest.raises(DatalistError, match="no 'val' split"):

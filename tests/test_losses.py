@@ -39,7 +39,9 @@ def test_generator_loss_matches_hand_computation():
     normal = torch.tensor([[[[0.0, 1.0]]]])
     normal_restored = torch.tensor([[[[0.5, 0.0]]]])  # L1 = (0.5 + 1) / 2
     pseudo_restored = torch.tensor([[[[1.0, 1.0]]]])  # MSE = (1 + 0) / 2
-    t = generator_loss_terms(d, fake, normal, normal_restored, pseudo_restored, lambda_identity=2.0, lambda_restoration=3.0)
+    t = generator_loss_terms(
+        d, fake, normal, normal_restored, pseudo_restored, lambda_identity=2.0, lambda_restoration=3.0
+    )
     assert torch.isclose(t["g_adv"], torch.tensor(-3.0))
     assert torch.isclose(t["g_identity"], torch.tensor(0.75))
     assert torch.isclose(t["g_restoration"], torch.tensor(0.5))

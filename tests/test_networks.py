@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from bundle.networks import PatchDiscriminator, PositionalConditionEncoding, SAGANGenerator, split_patches, stitch_patches
+from bundle.networks import (
+    PatchDiscriminator,
+    PositionalConditionEncoding,
+    SAGANGenerator,
+    split_patches,
+    stitch_patches,
+)
 
 
 def n_params(m):

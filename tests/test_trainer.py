@@ -26,16 +26,24 @@ def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
     g = SAGANGenerator(conv_dim=4, num_res_blocks=1)
     d = PatchDiscriminator(conv_dim=4, num_layers=4)
     g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
-    ds = SAGANTrainingDataset(in_memory(8, 0), unlabeled if unlabeled is not None else in_memory(8, 1),
-                              ForeignPatchInterpolationd(keys="normal"))
+    ds = SAGANTrainingDataset(
+        in_memory(8, 0),
+        unlabeled if unlabeled is not None else in_memory(8, 1),
+        ForeignPatchInterpolationd(keys="normal"),
+    )
     loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
     trainer = SAGANTrainer("cpu", max_epochs, loader, g, d, g_opt, d_opt, epoch_length=epoch_length)
     return trainer
 
 
 def checkpoint_dict(t):
-    return {"generator": t.generator, "discriminator": t.discriminator, "g_optimizer": t.g_optimizer,
-            "d_optimizer": t.d_optimizer, "trainer": t}
+    return {
+        "generator": t.generator,
+        "discriminator": t.discriminator,
+        "g_optimizer": t.g_optimizer,
+        "d_optimizer": t.d_optimizer,
+        "trainer": t,
+    }
 
 
 def test_critic_every_iteration_generator_every_second():
@@ -61,9 +69,20 @@ def test_zero_unlabeled_setting_uses_pseudo_anomalies():
 
 def test_resume_continues_iteration_count_and_optimiser_state(tmp_path):
     first = build(max_epochs=2)
-    attach_handlers(first, [AtomicCheckpointSaver(str(tmp_path), checkpoint_dict(first), file_prefix="",
-                                                  save_interval=1, n_saved=2, save_final=True,
-                                                  final_filename="checkpoint_final.pt")])
+    attach_handlers(
+        first,
+        [
+            AtomicCheckpointSaver(
+                str(tmp_path),
+                checkpoint_dict(first),
+                file_prefix="",
+                save_interval=1,
+                n_saved=2,
+                save_final=True,
+                final_filename="checkpoint_final.pt",
+            )
+        ],
+    )
     first.run()
     assert first.state.iteration == 4
     path = latest_checkpoint(str(tmp_path))
@@ -93,8 +112,14 @@ def test_file_going_bad_during_run(tmp_path, caplog, mode):
     unlabeled = ImageCache([{"image": f} for f in files], LoadGrayscaleImaged("image"), cache=False, on_bad_image=mode)
     trainer = build(max_epochs=3, unlabeled=unlabeled)
     ckpt = tmp_path / "ckpt"
-    attach_handlers(trainer, [AtomicCheckpointSaver(str(ckpt), checkpoint_dict(trainer), save_final=True,
-                                                    final_filename="checkpoint_final.pt")])
+    attach_handlers(
+        trainer,
+        [
+            AtomicCheckpointSaver(
+                str(ckpt), checkpoint_dict(trainer), save_final=True, final_filename="checkpoint_final.pt"
+            )
+        ],
+    )
 
     @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED(once=2))
     def corrupt(_):

@@ -132,9 +132,7 @@ class SAGANTrainer(Trainer):
             engine.g_optimizer.zero_grad(set_to_none=True)
             for p in d.parameters():
                 p.requires_grad_(False)
-            g_terms = generator_loss_terms(
-                d, fake, x_n, g_n, g_p, engine.lambda_identity, engine.lambda_restoration
-            )
+            g_terms = generator_loss_terms(d, fake, x_n, g_n, g_p, engine.lambda_identity, engine.lambda_restoration)
             g_terms["g_loss"].backward()
             for p in d.parameters():
                 p.requires_grad_(True)

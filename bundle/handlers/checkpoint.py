@@ -41,7 +41,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, getattr(checkpoint.save_handler, "filename", None))
+                checkpoint.save_handler = _AtomicDiskSaver(
+                    self.save_dir, getattr(checkpoint.save_handler, "filename", None)
+                )
 
 
 def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str | None:

@@ -61,8 +61,8 @@ class EvaluationReportHandler:
         self.rows, self.images, self.restored = [], [], []
 
     def _collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            self.rows.append((str(item["filename"]), int(item["label"].item()), float(item["score"].item())))
+        for source, item in zip(engine.state.batch, engine.state.output):  # both decollated
+            self.rows.append((str(source["filename"]), int(item["label"]), float(item["score"].item())))
             self.images.append(torch.as_tensor(item["image"]).detach().cpu())
             self.restored.append(torch.as_tensor(item["pred"]).detach().cpu())
 
@@ -100,7 +100,9 @@ class EvaluationReportHandler:
         k = min(self.top_k, len(order) // 2)
         picked = list(order[:k]) + list(order[::-1][:k])
         if picked:
-            grid = restoration_grid(torch.stack([self.images[i] for i in picked]), torch.stack([self.restored[i] for i in picked]))
+            grid = restoration_grid(
+                torch.stack([self.images[i] for i in picked]), torch.stack([self.restored[i] for i in picked])
+            )
             plt.imsave(os.path.join(self.output_dir, "extremes.png"), grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         logger.info(f"evaluation on {len(self.rows)} images: {summary}; outputs in {self.output_dir}")

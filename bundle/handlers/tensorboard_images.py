@@ -23,7 +23,9 @@ class RestorationImageHandler:
         interval: iterations between two grids.
     """
 
-    def __init__(self, summary_writer, generator: nn.Module, images: torch.Tensor, interval: int = 200, tag="restoration"):
+    def __init__(
+        self, summary_writer, generator: nn.Module, images: torch.Tensor, interval: int = 200, tag="restoration"
+    ):
         self.writer = summary_writer
         self.generator = generator
         self.images = images

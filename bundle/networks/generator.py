@@ -202,9 +202,7 @@ class SAGANGenerator(nn.Module):
         self.down2 = nn.Sequential(_conv(d2, d4, 4, stride=2), position_block(d4))
         self.down3 = _conv(d4, d8, 4, stride=2)
         # bottleneck
-        self.bottleneck = nn.Sequential(
-            position_block(d8), *[ResidualBlock(d8) for _ in range(num_res_blocks)]
-        )
+        self.bottleneck = nn.Sequential(position_block(d8), *[ResidualBlock(d8) for _ in range(num_res_blocks)])
         # decoder
         if attention_gates:
             self.gate1 = AttentionGate(d8, d8, d8 // 2)

@@ -57,7 +57,9 @@ class ForeignPatchInterpolationd(Randomizable, MapTransform):
             int(self.R.randint(int(lo * w), int(hi * w))),
         )
         side = min(h, w)
-        self.half_width = int(self.R.randint(round(self.half_width_range[0] * side), round(self.half_width_range[1] * side)))
+        self.half_width = int(
+            self.R.randint(round(self.half_width_range[0] * side), round(self.half_width_range[1] * side))
+        )
         self.alpha = float(self.R.uniform(0.0, 1.0))
 
     def patch_mask(self, spatial_size: tuple[int, int]) -> torch.Tensor:
