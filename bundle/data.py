@@ -210,7 +210,8 @@ class ImageCache(torch.utils.data.Dataset):
         self.cache = cache
         self.items = list(items)
         self._cached: list[dict] | None = None
-        if not cache:
+        if not cache or not self.items:  # no items: the paper's "0_u" setting has no unlabeled images
+            self._cached = [] if cache else None
             return
         start = time.perf_counter()
         with ThreadPoolExecutor(num_workers or min(8, os.cpu_count() or 1)) as pool:
@@ -225,11 +226,14 @@ class ImageCache(torch.utils.data.Dataset):
     def _decode(self, item: dict) -> dict:
         try:
             return apply_transform(self.transform, dict(item))
-        except RuntimeError as e:  # MONAI wraps transform errors; surface the bad-image message itself
-            cause = e
+        except Exception as e:  # MONAI wraps transform errors: surface the bad-image message, or name the file
+            cause: BaseException | None = e
             while cause is not None and not isinstance(cause, BadImageError):
                 cause = cause.__cause__
-            raise (cause or e) from e
+            if cause is None:
+                root = e.__cause__ or e
+                cause = BadImageError(str(item.get("image")), f"preprocessing failed ({type(root).__name__}: {root})")
+            raise cause from e
 
     def _decode_or_none(self, item: dict) -> dict | None:
         try:

@@ -69,3 +69,21 @@ def test_latest_and_resume_checkpoint(tmp_path):
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
     (tmp_path / "model.pt").write_bytes(b"x")
     assert resume_checkpoint(str(tmp_path), True).endswith("checkpoint_final.pt")
+
+
+def test_best_score_survives_resume(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    kwargs = dict(save_key_metric=True, key_metric_name="val_auc", key_metric_filename="model.pt")
+    first = AtomicCheckpointSaver(str(tmp_path), {"model": net}, **kwargs)
+    net.weight.data.fill_(1.0)
+    engine = engine_with_metric([0.9])
+    first.attach(engine)
+    engine.run([0], max_epochs=1)
+    state = first.state_dict()
+    resumed = AtomicCheckpointSaver(str(tmp_path), {"model": net}, **kwargs)
+    resumed.load_state_dict(state)
+    net.weight.data.fill_(2.0)
+    later = engine_with_metric([0.5])
+    resumed.attach(later)
+    later.run([0], max_epochs=1)
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], torch.ones(1, 2))

@@ -95,6 +95,15 @@ def test_image_cache_names_bad_file_or_skips(tiny_dataset, tmp_path, caplog):
     assert cache[0]["image"].shape == (1, 96, 96)
 
 
+def test_preprocessing_failure_names_the_file(tiny_dataset):
+    from monai.transforms import Compose, Lambdad
+
+    f = load_medad_datalist(tiny_dataset).normal[0]
+    broken = Compose([LoadGrayscaleImaged("image"), Lambdad("image", lambda x: x.reshape(7, -1, 5))])
+    with pytest.raises(BadImageError, match=os.path.basename(f) + ": preprocessing failed"):
+        ImageCache([{"image": f}], broken)
+
+
 def test_list_images(tiny_dataset, tmp_path):
     items = list_images(os.path.join(tiny_dataset, "images"))
     assert len(items) == sum(a + b for a, b in TINY_SIZES.values())

@@ -44,6 +44,14 @@ def test_png_8bit_grey_and_rgb(tmp_path):
     assert c.shape == (1, 30, 40) and (c - g).abs().max() < 0.05
 
 
+def test_palette_png_maps_through_its_palette(tmp_path):
+    img = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    img.putpalette([200, 200, 200, 10, 10, 10] + [0, 0, 0] * 254)
+    img.save(tmp_path / "p.png")
+    x = load_grayscale(str(tmp_path / "p.png"))
+    assert torch.allclose(x[0], torch.tensor([[200.0, 10.0], [10.0, 200.0]]) / 255)
+
+
 def test_png_16bit_is_min_max_scaled(tmp_path):
     Image.fromarray(ramp(top=40000)).save(tmp_path / "w.png")
     x = load_grayscale(str(tmp_path / "w.png"))

@@ -62,7 +62,7 @@ def test_critic_every_iteration_generator_every_second():
 
 
 def test_zero_unlabeled_setting_uses_pseudo_anomalies():
-    trainer = build(max_epochs=1, unlabeled=ImageCache([], transform=None, cache=False))
+    trainer = build(max_epochs=1, unlabeled=ImageCache([], transform=None))
     trainer.run()
     assert torch.isfinite(trainer.state.output["g_loss"])
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from ignite.engine import Events
+from monai.data.utils import set_rnd
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.utils import set_determinism
 from torch import nn
 from torch.optim import Optimizer
 
@@ -52,6 +55,8 @@ class SAGANTrainer(Trainer):
         generator, discriminator, g_optimizer, d_optimizer: the networks and their optimisers.
         n_critic: critic steps per generator step.
         lambda_gp, lambda_identity, lambda_restoration: loss weights.
+        seed: with a seed, a resumed run reseeds torch, numpy and the data set's random state with
+            ``seed + iteration``, so that it does not replay the random draws of the run's start.
         train_handlers: MONAI / ignite handlers to attach.
     """
 
@@ -69,6 +74,7 @@ class SAGANTrainer(Trainer):
         lambda_gp: float = 10.0,
         lambda_identity: float = 1.0,
         lambda_restoration: float = 1.0,
+        seed: int | None = None,
         non_blocking: bool = False,
         iteration_update: Callable | None = None,
         train_handlers: Sequence | None = None,
@@ -94,6 +100,20 @@ class SAGANTrainer(Trainer):
         self.lambda_identity = lambda_identity
         self.lambda_restoration = lambda_restoration
         self._last_g_terms: dict[str, torch.Tensor] = {k: torch.tensor(float("nan")) for k in G_TERMS}
+        self.seed = seed
+        self._seeded_run = False
+        # EPOCH_STARTED comes after STARTED, where a CheckpointLoader restores the iteration count
+        self.add_event_handler(Events.EPOCH_STARTED, self._reseed_if_resumed)
+
+    def _reseed_if_resumed(self, engine: SAGANTrainer) -> None:
+        if engine._seeded_run or engine.seed is None:
+            return
+        engine._seeded_run = True
+        if engine.state.iteration > 0:
+            seed = engine.seed + engine.state.iteration
+            set_determinism(seed=seed)
+            set_rnd(engine.data_loader.dataset, seed)
+            engine.logger.info(f"resumed at iteration {engine.state.iteration}: random streams reseeded with {seed}")
 
     def _to_device(self, batch: dict, key: str) -> torch.Tensor:
         x = batch[key]

@@ -24,9 +24,7 @@ class _AtomicDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        filename = self.filename or filename
-        super().__call__(checkpoint, filename, metadata)
-        os.chmod(os.path.join(self.dirname, filename), 0o644)  # the temporary file was private to the user
+        super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:
@@ -35,7 +33,10 @@ class _AtomicDiskSaver(DiskSaver):
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """``monai.handlers.CheckpointSaver`` whose every write is atomic, so that a kill at any moment leaves the
-    previous checkpoint readable (MONAI writes in place). Same arguments as ``CheckpointSaver``."""
+    previous checkpoint readable (MONAI writes in place). Same arguments as ``CheckpointSaver``.
+
+    ``state_dict`` / ``load_state_dict`` carry the best key-metric score so far, so that a resumed run only
+    replaces the best model with a better one (put this saver into the training checkpoint to get that)."""
 
     def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
@@ -44,6 +45,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = _AtomicDiskSaver(
                     self.save_dir, getattr(checkpoint.save_handler, "filename", None)
                 )
+
+    def state_dict(self) -> dict:
+        return self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint is not None else {}
 
 
 def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str | None:

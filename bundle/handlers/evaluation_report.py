@@ -19,21 +19,23 @@ __all__ = ["EvaluationReportHandler", "roc_curve", "precision_recall_curve"]
 logger = logging.getLogger(__name__)
 
 
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) over every threshold, from (0, 0) to (1, 1); ties kept together."""
+def _counts_per_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) when calling every score >= t abnormal, for each distinct t, highest first."""
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
     last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+    return np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) over every threshold, from (0, 0) to (1, 1)."""
+    tp, fp = _counts_per_threshold(scores, labels)
     return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
 
 
 def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) over every threshold, highest threshold first."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+    tp, fp = _counts_per_threshold(scores, labels)
     return tp / max(tp[-1], 1), tp / (tp + fp)
 
 

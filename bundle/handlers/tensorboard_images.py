@@ -34,7 +34,9 @@ class RestorationImageHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
-        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(
+            Events.COMPLETED(event_filter=lambda e, _: e.state.iteration % self.interval != 0), self
+        )
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:

@@ -8,8 +8,9 @@ from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, PydicomReader
+from monai.data import MetaTensor, PILReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform
+from PIL import Image
 
 __all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale"]
 
@@ -27,11 +28,19 @@ class BadImageError(ValueError):
         self.problem = problem
 
 
+def _palette_to_grey(image: Image.Image) -> Image.Image:
+    """Palette images hold indices, not intensities: let PIL map them (as the authors' convert("L") does)."""
+    return image.convert("L") if image.mode in ("P", "PA") else image
+
+
 def _loader() -> LoadImage:
-    # the DICOM reader keeps all tags so that MONOCHROME1 can be recognised; other formats fall back to
-    # MONAI's default readers chosen by suffix (PIL for PNG/JPEG/BMP, nibabel for NIfTI).
+    # the DICOM reader keeps all tags so that MONOCHROME1 can be recognised; NIfTI falls back to MONAI's
+    # default reader chosen by suffix (nibabel).
     return LoadImage(
-        reader=[PydicomReader(prune_metadata=False)], image_only=True, ensure_channel_first=True, dtype=None
+        reader=[PydicomReader(prune_metadata=False), PILReader(converter=_palette_to_grey)],
+        image_only=True,
+        ensure_channel_first=True,
+        dtype=None,
     )
 
 
@@ -39,12 +48,12 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
     """Read one image as a (1, S0, S1) float32 MetaTensor in [0, 1] (MONAI's spatial order, affine kept).
 
     8-bit images are divided by 255 (as PIL + ToTensor do); anything else (12/16-bit DICOM after
-    rescale slope/intercept, float NIfTI) is min-max scaled. DICOM MONOCHROME1 is inverted so that
+    rescale slope/intercept, float NIfTI) is min-max scaled (a constant image becomes zeros). DICOM MONOCHROME1 is inverted so that
     bright means dense. Colour images become grey with the ITU-R 601-2 luma weights. A 3D volume is refused
     unless ``slice_index`` picks a slice along its last axis.
 
     Raises:
-        BadImageError: missing, unreadable or corrupt file, not 2D, unsupported channel count, or no content.
+        BadImageError: missing, unreadable or corrupt file, not 2D, unsupported channel count, NaN/inf values.
     """
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
