@@ -48,9 +48,9 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
     """Read one image as a (1, S0, S1) float32 MetaTensor in [0, 1] (MONAI's spatial order, affine kept).
 
     8-bit images are divided by 255 (as PIL + ToTensor do); anything else (12/16-bit DICOM after
-    rescale slope/intercept, float NIfTI) is min-max scaled (a constant image becomes zeros). DICOM MONOCHROME1 is inverted so that
-    bright means dense. Colour images become grey with the ITU-R 601-2 luma weights. A 3D volume is refused
-    unless ``slice_index`` picks a slice along its last axis.
+    rescale slope/intercept, float NIfTI) is min-max scaled (a constant image becomes zeros). DICOM MONOCHROME1
+    is inverted so that bright means dense. Colour images become grey with the ITU-R 601-2 luma weights.
+    A 3D volume is refused unless ``slice_index`` picks a slice along its last axis.
 
     Raises:
         BadImageError: missing, unreadable or corrupt file, not 2D, unsupported channel count, NaN/inf values.
