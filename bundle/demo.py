@@ -1,6 +1,6 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""A synthetic, deterministic demo data set in the Med-AD layout: "anatomy" with one shared layout, abnormal
-images with lesion-like blobs, foreign textures or an organ in the wrong place (so position matters)."""
+"""A synthetic, deterministic demo data set in the Med-AD layout: "anatomy" with one shared layout (body, lungs,
+spine, heart), abnormal images with a lesion-like blob or a foreign texture inside a lung."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray
 
 
 def _anatomy(rng: np.random.Generator, abnormality: str | None) -> np.ndarray:
-    """One (96, 96) image in [0, 1]: body, two lungs, spine, a heart on the left; optionally an abnormality."""
+    """One (96, 96) image in [0, 1]: body, two lungs, spine, a heart on the left; optionally an abnormality
+    ("blob", "texture", or "misplaced": the heart on the right, kept for experiments, not in the default set)."""
     s = _SIZE
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     dy, dx = rng.uniform(-2, 2, size=2)
@@ -48,15 +49,16 @@ def _anatomy(rng: np.random.Generator, abnormality: str | None) -> np.ndarray:
     img += 0.05 * np.sin((yy - dy) / 3.0) * lungs  # rib-like stripes
     if abnormality == "blob":
         side = rng.choice([30, 66])
-        cy, cx = 46 + dy + rng.uniform(-14, 14), side + dx + rng.uniform(-5, 5)
-        r = rng.uniform(4, 8)
-        img += rng.uniform(0.35, 0.55) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+        cy, cx = 46 + dy + rng.uniform(-12, 12), side + dx + rng.uniform(-3, 3)
+        r = rng.uniform(8, 12)
+        img += rng.uniform(0.6, 0.8) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
     elif abnormality == "texture":
         side = rng.choice([30, 66])
-        patch = _ellipse(yy, xx, 46 + dy + rng.uniform(-10, 10), side + dx, rng.uniform(7, 11), rng.uniform(6, 9))
-        img += 0.3 * patch * (rng.random((s, s)) > 0.5)
+        patch = _ellipse(yy, xx, 46 + dy + rng.uniform(-10, 10), side + dx, rng.uniform(10, 14), rng.uniform(8, 11))
+        speckle = np.kron(rng.random((s // 3, s // 3)) > 0.5, np.ones((3, 3)))  # coarse enough to survive 64x64
+        img += 0.5 * patch * speckle
     img *= rng.uniform(0.9, 1.1)
-    img += 0.03 * _smooth_noise(rng, s, 8) + 0.015 * rng.normal(size=(s, s))
+    img += 0.03 * _smooth_noise(rng, s, 8) + 0.01 * rng.normal(size=(s, s))
     return np.clip(img, 0, 1)
 
 
@@ -68,7 +70,7 @@ def make_demo_dataset(root: str, seed: int = 0, sizes: dict | None = None) -> st
         return root
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    kinds = ["blob", "texture", "misplaced"]
+    kinds = ["blob", "texture"]
     lists: dict[str, dict[str, list[str]]] = {}
     for split, (n_normal, n_abnormal) in sizes.items():
         lists[split] = {"0": [], "1": []}

@@ -47,7 +47,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> 
         os.path.join(out, "tb"),
     ]
     for k, v in overrides.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+        cmd += [f"--{k}", v if isinstance(v, str) else str(v) if isinstance(v, bool) else json.dumps(v)]
     start = time.perf_counter()
     with open(os.path.join(out, "log.txt"), "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)

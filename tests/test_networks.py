@@ -75,3 +75,8 @@ def test_ablation_baseline_is_smaller_and_runs():
     assert n_params(base) < n_params(full)
     assert not hasattr(base, "gate1")
     assert base(torch.zeros(1, 1, 16, 16)).shape == (1, 1, 16, 16)
+
+
+def test_switches_must_be_booleans():
+    with pytest.raises(TypeError, match="attention_gates must be True or False, got 'false'"):
+        SAGANGenerator(conv_dim=8, num_res_blocks=1, attention_gates="false")

@@ -185,6 +185,9 @@ class SAGANGenerator(nn.Module):
         super().__init__()
         if not 0.0 < keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}.")
+        for name, flag in (("position_code", position_code), ("attention_gates", attention_gates)):
+            if not isinstance(flag, bool):  # e.g. the string "false" from a command line, which would be truthy
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
         self.patches_per_side = patches_per_side
         self.keep_prob = keep_prob
         self.use_position_code = position_code
