@@ -1,3 +1,4 @@
+from .blocks import IN_AFFINE, IN_PLAIN, conv_block, up_block
 from .discriminator import PatchDiscriminator
 from .generator import (
     AttentionGate,

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
+
+from .blocks import conv_block
 
 __all__ = ["PatchDiscriminator"]
 
@@ -28,19 +29,8 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         cin, cout = in_channels, conv_dim
         for _ in range(num_layers):
-            layers.append(
-                Convolution(
-                    spatial_dims=2,
-                    in_channels=cin,
-                    out_channels=cout,
-                    strides=2,
-                    kernel_size=4,
-                    padding=1,
-                    adn_ordering="A",
-                    act=("leakyrelu", {"negative_slope": negative_slope}),
-                    bias=True,
-                )
-            )
+            act = ("leakyrelu", {"negative_slope": negative_slope})
+            layers.append(conv_block(cin, cout, 4, stride=2, bias=True, norm=None, act=act))
             cin, cout = cout, cout * 2
         layers.append(nn.Conv2d(cin, 1, kernel_size=3, padding=1, bias=False))
         self.net = nn.Sequential(*layers)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
+
+from .blocks import IN_PLAIN, conv_block, up_block
 
 __all__ = [
     "PositionalConditionEncoding",
@@ -20,43 +21,6 @@ __all__ = [
     "split_patches",
     "stitch_patches",
 ]
-
-_IN_AFFINE = ("instance", {"affine": True})
-_IN_PLAIN = ("instance", {"affine": False})
-
-
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False, norm=_IN_AFFINE, act="relu"):
-    """conv -> instance norm -> activation as one MONAI ``Convolution`` (norm/act may be ``None``)."""
-    return Convolution(
-        spatial_dims=2,
-        in_channels=cin,
-        out_channels=cout,
-        strides=stride,
-        kernel_size=kernel,
-        padding=(kernel - stride + 1) // 2 if stride > 1 else kernel // 2,
-        adn_ordering="NA",
-        act=act,
-        norm=norm,
-        bias=bias,
-    )
-
-
-def _up(cin: int, cout: int) -> Convolution:
-    """4x4 stride-2 transposed conv (no bias) -> IN(affine) -> ReLU, doubling the spatial size."""
-    return Convolution(
-        spatial_dims=2,
-        in_channels=cin,
-        out_channels=cout,
-        strides=2,
-        kernel_size=4,
-        padding=1,
-        output_padding=0,
-        is_transposed=True,
-        adn_ordering="NA",
-        act="relu",
-        norm=_IN_AFFINE,
-        bias=False,
-    )
 
 
 def split_patches(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -108,7 +72,7 @@ class PositionBlock(nn.Module):
     def __init__(self, channels: int, encoding: PositionalConditionEncoding) -> None:
         super().__init__()
         self.encoding = encoding
-        self.fuse = _conv(channels + encoding.num_bits, channels, 1, bias=True, norm=_IN_PLAIN)
+        self.fuse = conv_block(channels + encoding.num_bits, channels, 1, bias=True, norm=IN_PLAIN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.encoding(x))
@@ -119,7 +83,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv(channels, channels, 3), _conv(channels, channels, 3, act=None))
+        self.body = nn.Sequential(conv_block(channels, channels, 3), conv_block(channels, channels, 3, act=None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -130,8 +94,8 @@ class DecoderResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.project = _conv(in_channels, out_channels, 3)
-        self.refine = _conv(out_channels, out_channels, 3, act=None)
+        self.project = conv_block(in_channels, out_channels, 3)
+        self.refine = conv_block(out_channels, out_channels, 3, act=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.project(x)
@@ -147,9 +111,9 @@ class AttentionGate(nn.Module):
 
     def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int) -> None:
         super().__init__()
-        self.w_gate = _conv(gate_channels, inter_channels, 1, bias=True, norm=_IN_PLAIN, act=None)
-        self.w_skip = _conv(skip_channels, inter_channels, 1, bias=True, norm=_IN_PLAIN, act=None)
-        self.psi = _conv(inter_channels, 1, 1, bias=True, norm=_IN_PLAIN, act="sigmoid")
+        self.w_gate = conv_block(gate_channels, inter_channels, 1, bias=True, norm=IN_PLAIN, act=None)
+        self.w_skip = conv_block(skip_channels, inter_channels, 1, bias=True, norm=IN_PLAIN, act=None)
+        self.psi = conv_block(inter_channels, 1, 1, bias=True, norm=IN_PLAIN, act="sigmoid")
 
     def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return skip * self.psi(torch.relu(self.w_gate(gate) + self.w_skip(skip)))
@@ -200,10 +164,10 @@ class SAGANGenerator(nn.Module):
             return PositionBlock(c, enc) if position_code else nn.Identity()
 
         # encoder
-        self.stem = _conv(in_channels, d1, 7)
-        self.down1 = nn.Sequential(_conv(d1, d2, 4, stride=2), position_block(d2))
-        self.down2 = nn.Sequential(_conv(d2, d4, 4, stride=2), position_block(d4))
-        self.down3 = _conv(d4, d8, 4, stride=2)
+        self.stem = conv_block(in_channels, d1, 7)
+        self.down1 = nn.Sequential(conv_block(d1, d2, 4, stride=2), position_block(d2))
+        self.down2 = nn.Sequential(conv_block(d2, d4, 4, stride=2), position_block(d4))
+        self.down3 = conv_block(d4, d8, 4, stride=2)
         # bottleneck
         self.bottleneck = nn.Sequential(position_block(d8), *[ResidualBlock(d8) for _ in range(num_res_blocks)])
         # decoder
@@ -211,13 +175,13 @@ class SAGANGenerator(nn.Module):
             self.gate1 = AttentionGate(d8, d8, d8 // 2)
             self.gate2 = AttentionGate(d4, d4, d4 // 2)
             self.gate3 = AttentionGate(d2, d2, d2 // 2)
-        self.dec1 = nn.Sequential(DecoderResidualBlock(2 * d8, d8), _up(d8, d4))
-        self.dec2 = nn.Sequential(DecoderResidualBlock(2 * d4, d4), _up(d4, d2))
-        self.dec3 = nn.Sequential(DecoderResidualBlock(2 * d2, d2), _up(d2, d1))
+        self.dec1 = nn.Sequential(DecoderResidualBlock(2 * d8, d8), up_block(d8, d4))
+        self.dec2 = nn.Sequential(DecoderResidualBlock(2 * d4, d4), up_block(d4, d2))
+        self.dec3 = nn.Sequential(DecoderResidualBlock(2 * d2, d2), up_block(d2, d1))
         # multi-level feature fusion
-        self.fuse1 = nn.Sequential(_up(d4, d2), _up(d2, d1))
-        self.fuse2 = _up(d2, d1)
-        self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), _conv(d1, in_channels, 7, norm=None, act=None))
+        self.fuse1 = nn.Sequential(up_block(d4, d2), up_block(d2, d1))
+        self.fuse2 = up_block(d2, d1)
+        self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), conv_block(d1, in_channels, 7, norm=None, act=None))
 
     def _skip(self, name: str, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(gate, skip) if self.use_attention_gates else skip
