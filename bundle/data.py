@@ -189,8 +189,8 @@ class ImageCache(torch.utils.data.Dataset):
     """Items ``{"image": path, ...}`` whose image is decoded once by the deterministic ``transform``.
 
     With ``cache=True`` (default) every image is decoded at construction, in threads, so that a bad file is found
-    at start-up; ``cache=False`` only checks that the files exist and decodes at each access (for data sets too
-    large for memory). A bad image raises :class:`BadImageError` naming it, or with ``on_bad_image="skip"``
+    at start-up; ``cache=False`` decodes at each access (for data sets too large for memory; that the files exist
+    is checked at start-up by :func:`load_medad_datalist`). A bad image raises :class:`BadImageError` naming it, or with ``on_bad_image="skip"``
     is dropped (cached) or replaced by the next good item (uncached) with a logged warning.
     """
 
@@ -207,7 +207,6 @@ class ImageCache(torch.utils.data.Dataset):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         self.transform = transform
         self.on_bad_image = on_bad_image
-        self.cache = cache
         self.items = list(items)
         self._cached: list[dict] | None = None
         if not cache or not self.items:  # no items: the paper's "0_u" setting has no unlabeled images
