@@ -190,8 +190,9 @@ class ImageCache(torch.utils.data.Dataset):
 
     With ``cache=True`` (default) every image is decoded at construction, in threads, so that a bad file is found
     at start-up; ``cache=False`` decodes at each access (for data sets too large for memory; that the files exist
-    is checked at start-up by :func:`load_medad_datalist`). A bad image raises :class:`BadImageError` naming it, or with ``on_bad_image="skip"``
-    is dropped (cached) or replaced by the next good item (uncached) with a logged warning.
+    is checked at start-up by :func:`load_medad_datalist`). A bad image raises :class:`BadImageError` naming it,
+    or with ``on_bad_image="skip"`` is dropped (cached) or replaced by the next good item (uncached) with a logged
+    warning.
     """
 
     def __init__(
