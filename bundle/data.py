@@ -294,11 +294,12 @@ class SAGANTrainingDataset(Randomizable, torch.utils.data.Dataset):
 
 def display_batch(dataset: ImageCache, per_class: int = 4) -> torch.Tensor:
     """The first ``per_class`` normal and abnormal images of a labelled cache as (K, 1, H, W), for image grids."""
-    picked: list[torch.Tensor] = []
-    for label in (0, 1):
-        picked += [
-            torch.as_tensor(it["image"])
-            for it in (dataset[i] for i in range(len(dataset)))
-            if int(it["label"]) == label
-        ][:per_class]
-    return torch.stack([p.as_tensor() if hasattr(p, "as_tensor") else p for p in picked])
+    picked: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    for i in range(len(dataset)):  # one pass, stopping early: an uncached set decodes only what it needs
+        item = dataset[i]
+        label = int(item["label"])
+        if len(picked[label]) < per_class:
+            picked[label].append(torch.as_tensor(item["image"]).as_subclass(torch.Tensor))
+        if all(len(v) == per_class for v in picked.values()):
+            break
+    return torch.stack(picked[0] + picked[1])

@@ -3,6 +3,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from bundle.data import DatalistError, ImageCache, labelled_items, list_images, load_medad_datalist, select_unlabeled
 from bundle.transforms import BadImageError, LoadGrayscaleImaged
@@ -120,3 +121,11 @@ def test_shared_kermany_layout():
     dl = load_medad_datalist(os.path.join(SHARED_DATA, "kermany_pneumonia"))
     assert len(dl.normal) == 620 and len(dl.val[0]) == 100 and len(dl.test[1]) == 231
     assert len(select_unlabeled(dl)) == 620
+
+
+def test_display_batch_takes_first_images_of_each_class():
+    from bundle.data import display_batch
+
+    items = [{"image": torch.full((1, 4, 4), float(i)), "label": int(i >= 5)} for i in range(10)]
+    batch = display_batch(ImageCache(items, transform=lambda d: d), per_class=2)
+    assert batch.shape == (4, 1, 4, 4) and batch[:, 0, 0, 0].tolist() == [0.0, 1.0, 5.0, 6.0]
