@@ -15,14 +15,15 @@ import torch
 from .conftest import ROOT
 
 TINY_NET = ["--conv_dim", "4", "--num_res_blocks", "1"]
-TRAIN = ["--config_file", "configs/train.json", "--meta_file", "metadata.json"]
-EVAL = ["--config_file", "['configs/train.json','configs/evaluate.json']", "--meta_file", "metadata.json"]
-INFER = ["--config_file", "configs/inference.json", "--meta_file", "metadata.json"]
+TRAIN = ["--config_file", "configs/train.json"]
+EVAL = ["--config_file", "['configs/train.json','configs/evaluate.json']"]
+INFER = ["--config_file", "configs/inference.json"]
 
 
 def bundle_run(run_id, *args):
+    """``python -m monai.bundle run [run_id] ...`` from the bundle root (``run_id`` None: MONAI's default)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", run_id, *args],
+        [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else []), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -71,7 +72,20 @@ def test_training_writes_checkpoints_and_tensorboard(trained):
     assert set(full) >= {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"}
     assert full["trainer"]["iteration"] == 4
     best = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert "stem.conv.weight" in best  # a plain generator state dict, as the model zoo expects
+    assert "stem.conv.weight" in best["model"]  # MONAI's CheckpointLoader / ckpt_export --key_in_ckpt model
+    settings = best["settings"]
+    assert settings["network_def"] == {
+        "_target_": "bundle.networks.SAGANGenerator",
+        "in_channels": 1,
+        "conv_dim": 4,
+        "num_res_blocks": 1,
+        "patches_per_side": 2,
+        "position_code": True,
+        "attention_gates": True,
+        "keep_prob": 0.95,
+    }
+    assert settings["image_size"] == 64 and settings["specificity"] == 0.95
+    assert 0 < settings["threshold"] < 1 and settings["pixel_threshold"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
@@ -100,11 +114,18 @@ def test_evaluating_writes_report(trained, tiny_dataset):
         str(out / "models"),
         "--eval_dir",
         str(out / "eval"),
-        *TINY_NET,
     )
     assert "RESULT auc" in log
     metrics = json.load(open(out / "eval" / "metrics.json"))
     assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["ap"] <= 1
+    settings = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]
+    assert metrics["threshold"] == settings["threshold"]
+    scores = {
+        r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(open(out / "eval" / "scores.csv"))
+    }
+    called = [(label, score > settings["threshold"]) for label, score in scores.values()]
+    assert metrics["sensitivity"] == pytest.approx(np.mean([c for label, c in called if label == 1]))
+    assert metrics["specificity"] == pytest.approx(np.mean([not c for label, c in called if label == 0]))
     assert metrics["n_normal"] == 6 and metrics["n_abnormal"] == 6 and metrics["split"] == "test"
     rows = list(csv.DictReader(open(out / "eval" / "scores.csv")))
     assert len(rows) == 12 and all(0 <= float(r["score"]) <= 1 for r in rows)
@@ -132,7 +153,6 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
         str(out / "infer"),
         "--model_path",
         str(out / "models" / "model.pt"),
-        *TINY_NET,
     )
     produced = sorted(os.listdir(out / "infer"))
     assert {
@@ -146,9 +166,83 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     assert "chest_heatmap.nii.gz" not in produced
     rows = list(csv.reader(open(out / "infer" / "scores.csv")))
     assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "xray.dcm"]
+    threshold = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]["threshold"]
+    assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
     heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")
     assert heat.shape[:2] == (64, 64)
     assert np.allclose(np.abs(np.diag(heat.affine))[:2], [0.5 * 80 / 64, 0.5 * 72 / 64], atol=1e-3)
+
+
+def fingerprint(path):
+    return os.stat(path).st_mtime_ns, open(path, "rb").read()
+
+
+@pytest.mark.parametrize("files", [["configs/train.json", "configs/evaluate.json"], ["configs/inference.json"]])
+def test_no_run_id_never_trains(trained, tiny_dataset, files, tmp_path):
+    """``monai.bundle run`` without a run id runs the merged files' own workflow: nothing is trained."""
+    out, _, _ = trained
+    model = out / "models" / "model.pt"
+    before = fingerprint(model), sorted(os.listdir(out / "models"))
+    log = bundle_run(
+        None,
+        "--config_file",
+        str(files),
+        "--dataset_dir",
+        tiny_dataset if len(files) == 2 else os.path.join(tiny_dataset, "images"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--eval_dir",
+        str(tmp_path / "eval"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert "SAGANTrainer" not in log
+    assert (fingerprint(model), sorted(os.listdir(out / "models"))) == before
+
+
+def test_checkpoint_that_does_not_fit_names_the_settings(trained, tiny_dataset, tmp_path):
+    out, _, _ = trained
+    plain = tmp_path / "plain.pt"  # a bundle-0.1 style plain state dict
+    torch.save(torch.load(out / "models" / "model.pt", weights_only=True)["model"], plain)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            *INFER,
+            "--input_path",
+            os.path.join(tiny_dataset, "images"),
+            "--model_path",
+            str(plain),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--network_def",
+            "$bundle.networks.SAGANGenerator(conv_dim=8, num_res_blocks=3)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "does not fit the configured generator SAGANGenerator (conv_dim: checkpoint 4, configured 8" in log
+    assert "size mismatch" not in log  # no state-dict dump
+    # without the override the plain state dict's architecture is inferred from its weights
+    bundle_run(
+        "inferring",
+        *INFER,
+        "--input_path",
+        os.path.join(tiny_dataset, "images"),
+        "--model_path",
+        str(plain),
+        "--output_dir",
+        str(tmp_path / "out2"),
+    )
+    rows = list(csv.reader(open(tmp_path / "out2" / "scores.csv")))
+    assert len(rows) == len(os.listdir(os.path.join(tiny_dataset, "images")))
+    assert all(len(r) == 2 for r in rows)  # no threshold recorded: file, score
 
 
 def test_metadata_and_network_verify(tmp_path):
@@ -158,8 +252,15 @@ def test_metadata_and_network_verify(tmp_path):
     local = tmp_path / "schema.json"
     shutil.copy(schema, local)
     for cmd in (
-        ["verify_metadata", "--meta_file", "metadata.json", "--filepath", str(local)],
-        ["verify_net_in_out", "network_def", "--meta_file", "metadata.json", "--config_file", "configs/inference.json"],
+        ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(local)],
+        [
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+        ],
     ):
         proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and " - ERROR - " not in proc.stdout + proc.stderr, proc.stderr[-3000:]

@@ -1,1 +1,1 @@
-from .trainer import SAGANTrainer, attach_handlers, loss_terms
+from .trainer import SAGANPrepareBatch, SAGANTrainer, attach_handlers, epochs_for, loss_terms

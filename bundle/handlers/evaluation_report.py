@@ -44,10 +44,16 @@ class EvaluationReportHandler:
     into ``output_dir``: ``metrics.json`` (the evaluator's metrics, e.g. AUC and AP), ``scores.csv``,
     ``roc.png``, ``pr.png`` and ``extremes.png`` (the ``top_k`` highest- and lowest-scoring images with their
     restored images and heat maps). It also prints the metrics.
+
+    With the model's operating ``threshold`` (``abnormal = score > threshold``) the report adds ``sensitivity``
+    and ``specificity`` at that threshold.
     """
 
-    def __init__(self, output_dir: str, top_k: int = 8, extra_info: dict | None = None) -> None:
+    def __init__(
+        self, output_dir: str, top_k: int = 8, extra_info: dict | None = None, threshold: float | None = None
+    ) -> None:
         self.output_dir = output_dir
+        self.threshold = threshold
         self.top_k = top_k
         self.extra_info = extra_info or {}
         self.rows: list[tuple[str, int, float]] = []
@@ -78,7 +84,12 @@ class EvaluationReportHandler:
         labels = np.array([r[1] for r in self.rows])
         scores = np.array([r[2] for r in self.rows])
         metrics = {k: float(v) for k, v in engine.state.metrics.items()}
+        if self.threshold is not None:
+            called = scores > self.threshold
+            metrics["sensitivity"] = float(called[labels == 1].mean())
+            metrics["specificity"] = float((~called)[labels == 0].mean())
         report = {**metrics, "n_normal": int((labels == 0).sum()), "n_abnormal": int((labels == 1).sum())}
+        report["threshold"] = self.threshold
         report.update(self.extra_info)
         with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=4)

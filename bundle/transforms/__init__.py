@@ -1,4 +1,4 @@
 from .fpi import ForeignPatchInterpolationd
 from .io import BadImageError, LoadGrayscaleImaged, load_grayscale
 from .saving import SaveHeatmapd
-from .scoring import AnomalyScored, anomaly_map, anomaly_score
+from .scoring import AnomalyScored, anomaly_map, anomaly_score, score_columns

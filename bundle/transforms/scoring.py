@@ -8,7 +8,7 @@ from collections.abc import Hashable, Mapping
 import torch
 from monai.transforms import MapTransform
 
-__all__ = ["anomaly_map", "anomaly_score", "AnomalyScored"]
+__all__ = ["anomaly_map", "anomaly_score", "AnomalyScored", "score_columns"]
 
 
 def anomaly_map(image: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
@@ -23,17 +23,33 @@ def anomaly_score(image: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
 
 
 class AnomalyScored(MapTransform):
-    """Adds ``heatmap`` (C, H, W) and ``score`` (1,) to a decollated item holding ``image`` and ``pred``."""
+    """Adds ``heatmap`` (C, H, W) and ``score`` (1,) to a decollated item holding ``image`` and ``pred``; with a
+    ``threshold``, also ``abnormal`` (1,): 1.0 where ``score > threshold``, else 0.0."""
 
     def __init__(
-        self, image_key: str = "image", pred_key: str = "pred", map_key: str = "heatmap", score_key: str = "score"
+        self,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        map_key: str = "heatmap",
+        score_key: str = "score",
+        threshold: float | None = None,
+        abnormal_key: str = "abnormal",
     ) -> None:
         super().__init__([image_key, pred_key])
         self.image_key, self.pred_key, self.map_key, self.score_key = image_key, pred_key, map_key, score_key
+        self.threshold, self.abnormal_key = threshold, abnormal_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image, pred = torch.as_tensor(d[self.image_key]), torch.as_tensor(d[self.pred_key])
         d[self.map_key] = anomaly_map(image, pred)
         d[self.score_key] = anomaly_score(image, pred).reshape(1)
+        if self.threshold is not None:
+            d[self.abnormal_key] = (d[self.score_key] > self.threshold).float()
         return d
+
+
+def score_columns(output: list[dict]) -> list[torch.Tensor]:
+    """``ClassificationSaver`` output transform: one row ``[score, abnormal]`` per item of a decollated output
+    (``abnormal`` is absent when no threshold is known)."""
+    return [torch.cat([item["score"], item["abnormal"]]) if "abnormal" in item else item["score"] for item in output]

@@ -1,0 +1,116 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""The operating point a trained model carries: score and heat-map thresholds chosen on the normal ``val`` images."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from .. import __version__
+from ..settings import network_def_of
+from ..transforms.regions import smooth_heatmap
+
+__all__ = ["OperatingPointHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+class OperatingPointHandler:
+    """Validation handler that, after every validation pass, chooses the model's operating thresholds and holds
+    the settings the model file carries (see :mod:`bundle.settings`).
+
+    - ``threshold``: the ``specificity`` quantile of the anomaly scores of the normal (label 0) images, so that
+      ``abnormal = score > threshold`` keeps at least that share of them normal;
+    - ``pixel_threshold``: the ``pixel_quantile`` quantile of all pixels of their smoothed heat maps.
+
+    It adds ``val_sensitivity`` and ``val_specificity`` at ``threshold`` to the evaluator's metrics (attach it
+    before the StatsHandler / TensorBoard handlers to log them). Put it into the best-model saver's ``save_dict``
+    as ``"settings"``: ``state_dict()`` returns the settings of the latest validation pass.
+
+    Args:
+        network: the generator being validated (its ``hparams`` are recorded).
+        image_size: side of the square model input.
+        slice_index: slice taken from 3D inputs, or None.
+        specificity: share of normal val images below the score threshold, in (0, 1).
+        pixel_quantile: quantile of normal heat-map pixels that sets the region threshold, in (0, 1).
+        score_key, label_key, map_key: keys of the decollated evaluator output (``AnomalyScored``'s output).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        image_size: int,
+        slice_index: int | None = None,
+        specificity: float = 0.95,
+        pixel_quantile: float = 0.99,
+        score_key: str = "score",
+        label_key: str = "label",
+        map_key: str = "heatmap",
+    ) -> None:
+        for name, value in (("specificity", specificity), ("pixel_quantile", pixel_quantile)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}.")
+        self.network = network
+        self.image_size = int(image_size)
+        self.slice_index = slice_index
+        self.specificity = float(specificity)
+        self.pixel_quantile = float(pixel_quantile)
+        self.score_key, self.label_key, self.map_key = score_key, label_key, map_key
+        self._scores: list[float] = []
+        self._labels: list[int] = []
+        self._normal_maps: list[torch.Tensor] = []
+        self.operating_point: dict[str, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._choose)
+
+    def _reset(self, engine: Engine) -> None:
+        self._scores, self._labels, self._normal_maps = [], [], []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            label = int(item[self.label_key])
+            self._scores.append(float(item[self.score_key]))
+            self._labels.append(label)
+            if label == 0:
+                self._normal_maps.append(torch.as_tensor(item[self.map_key]).detach().float().cpu())
+
+    def _choose(self, engine: Engine) -> None:
+        scores, labels = np.asarray(self._scores), np.asarray(self._labels)
+        normal = scores[labels == 0]
+        if normal.size == 0:
+            raise ValueError("the validation split has no normal images: no operating threshold can be chosen.")
+        threshold = float(np.quantile(normal, self.specificity, method="higher"))
+        pixels = smooth_heatmap(torch.stack(self._normal_maps)).flatten().numpy()
+        abnormal = scores[labels == 1]
+        self.operating_point = {
+            "threshold": threshold,
+            "specificity": self.specificity,
+            "pixel_threshold": float(np.quantile(pixels, self.pixel_quantile)),
+            "pixel_quantile": self.pixel_quantile,
+            "val_specificity": float((normal <= threshold).mean()),
+            "val_sensitivity": float((abnormal > threshold).mean()) if abnormal.size else float("nan"),
+        }
+        engine.state.metrics["val_sensitivity"] = self.operating_point["val_sensitivity"]
+        engine.state.metrics["val_specificity"] = self.operating_point["val_specificity"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings a model saved now carries (plain values: loadable with ``weights_only=True``)."""
+        return {
+            "network_def": network_def_of(self.network),
+            "image_size": self.image_size,
+            "slice_index": self.slice_index,
+            **self.operating_point,
+            "bundle_version": __version__,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = ("threshold", "specificity", "pixel_threshold", "pixel_quantile", "val_specificity", "val_sensitivity")
+        self.operating_point = {k: state[k] for k in keys if k in state}

@@ -1,0 +1,155 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""What a trained model carries: its network definition, preprocessing choices and operating thresholds.
+
+``models/model.pt`` is ``{"model": <generator state dict>, "settings": {...}}`` (MONAI's ``CheckpointLoader``,
+``ckpt_export --key_in_ckpt model`` and MONAI Label's ``checkpoint.get("model", checkpoint)`` all read it).
+``settings`` holds:
+
+- ``network_def``: ``{"_target_": "bundle.networks.SAGANGenerator", <constructor arguments>}``;
+- ``image_size`` (side of the square model input) and ``slice_index`` (slice of 3D inputs, or None);
+- ``threshold``: operating threshold on the anomaly score (``abnormal = score > threshold``), the
+  ``specificity`` quantile of the scores of the normal ``val`` images;
+- ``pixel_threshold``: the ``pixel_quantile`` quantile of the smoothed heat maps of the normal ``val`` images
+  (anomaly regions are where the smoothed heat map exceeds it);
+- ``val_sensitivity`` / ``val_specificity`` at ``threshold``, ``iteration`` of the checkpoint, ``bundle_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.utils import instantiate
+from torch import nn
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "CheckpointMismatchError",
+    "network_def_of",
+    "load_model_settings",
+    "generator_from_settings",
+    "infer_generator_hparams",
+    "describe_mismatch",
+]
+
+logger = logging.getLogger(__name__)
+
+# The demo preset of configs/train.json (a test keeps the two equal): used for a plain state dict's missing keys.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "network_def": {
+        "_target_": "bundle.networks.SAGANGenerator",
+        "in_channels": 1,
+        "conv_dim": 8,
+        "num_res_blocks": 3,
+        "patches_per_side": 2,
+        "position_code": True,
+        "attention_gates": True,
+        "keep_prob": 0.95,
+    },
+    "image_size": 64,
+    "slice_index": None,
+    "threshold": None,
+    "specificity": None,
+    "pixel_threshold": None,
+    "pixel_quantile": None,
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the configured network; the message names the differing settings."""
+
+
+def network_def_of(network: nn.Module) -> dict[str, Any]:
+    """``{"_target_": "bundle.networks.<class>", **network.hparams}``: the config that rebuilds ``network``."""
+    hparams = getattr(network, "hparams", None)
+    if hparams is None:
+        raise TypeError(f"{type(network).__name__} has no 'hparams': it cannot record its settings.")
+    return {"_target_": f"bundle.networks.{type(network).__name__}", **hparams}
+
+
+def _read_checkpoint(model_path: str) -> Mapping:
+    try:
+        return torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # older (non-zip) serialisation cannot be memory-mapped
+        return torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{model_path}: not a readable model checkpoint ({type(e).__name__}: {e}).") from e
+
+
+def load_model_settings(model_path: str) -> dict[str, Any]:
+    """The settings a trained model carries, with :data:`DEFAULT_SETTINGS` for whatever it does not record.
+
+    A plain generator state dict (models of bundle 0.1) records nothing: its architecture is inferred from the
+    weights (:func:`infer_generator_hparams`). A missing file gives the defaults (so that configs still parse,
+    e.g. for ``verify_net_in_out``); loading the weights later fails with a clear message.
+    """
+    settings = {**DEFAULT_SETTINGS, "network_def": dict(DEFAULT_SETTINGS["network_def"])}
+    if not os.path.isfile(model_path):
+        logger.info(f"{model_path} does not exist yet: using the default (demo) settings.")
+        return settings
+    checkpoint = _read_checkpoint(model_path)
+    stored = checkpoint.get("settings") if isinstance(checkpoint, Mapping) else None
+    if isinstance(stored, Mapping):
+        settings.update(stored)
+        settings["network_def"] = dict(stored.get("network_def", settings["network_def"]))
+        source = "recorded in the model"
+    else:
+        state = checkpoint.get("model", checkpoint)
+        settings["network_def"].update(infer_generator_hparams(state))
+        source = "inferred from the weights (the model records no settings)"
+    net = settings["network_def"]
+    args = ", ".join(f"{k}={v}" for k, v in net.items() if k != "_target_")
+    logger.info(
+        f"{model_path}: {net['_target_'].rsplit('.', 1)[-1]}({args}), image_size {settings['image_size']}, "
+        f"threshold {settings['threshold']}: {source}."
+    )
+    return settings
+
+
+def generator_from_settings(settings: Mapping[str, Any]) -> nn.Module:
+    """The generator described by ``settings["network_def"]`` (untrained; load the weights separately)."""
+    network_def = dict(settings["network_def"])
+    target = network_def.pop("_target_")
+    if not re.fullmatch(r"bundle\.networks\.\w+", target):  # settings come from a file: build only our networks
+        raise ValueError(f"model settings name the network {target!r}; only bundle.networks classes are built.")
+    return instantiate(target, "default", **network_def)
+
+
+def infer_generator_hparams(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The SAGAN generator arguments that a state dict reveals: ``conv_dim``, ``num_res_blocks``,
+    ``position_code``, ``attention_gates`` and, with position codes, ``patches_per_side`` (from the code width)."""
+    if "stem.conv.weight" not in state_dict:
+        return {}
+    stem = state_dict["stem.conv.weight"]
+    conv_dim, in_channels = int(stem.shape[0]), int(stem.shape[1])
+    blocks = {m.group(1) for k in state_dict if (m := re.match(r"bottleneck\.(\d+)\.body\.", k))}
+    hparams: dict[str, Any] = {
+        "in_channels": in_channels,
+        "conv_dim": conv_dim,
+        "num_res_blocks": len(blocks),
+        "position_code": any(k.startswith("down1.1.fuse") for k in state_dict),
+        "attention_gates": any(k.startswith("gate1.") for k in state_dict),
+    }
+    if hparams["position_code"]:
+        bits = int(state_dict["down1.1.fuse.conv.weight"].shape[1]) - 2 * conv_dim
+        # floor(log2(N*N)) + 1 bits: N=1 -> 1, N=2 -> 3, N=4 -> 5, ...
+        hparams["patches_per_side"] = next(n for n in range(1, 65) if (n * n).bit_length() == bits)
+    return hparams
+
+
+def describe_mismatch(model_path: str, network: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One message naming the settings in which ``state_dict`` and ``network`` differ, and how to fix it."""
+    configured = getattr(network, "hparams", {}) or {}
+    found = infer_generator_hparams(state_dict)
+    differing = [f"{k}: checkpoint {v}, configured {configured.get(k)}" for k, v in found.items() if configured.get(k) != v]
+    detail = "; ".join(differing) if differing else "the parameter names or shapes differ"
+    return (
+        f"{model_path} does not fit the configured generator {type(network).__name__} ({detail}). "
+        "Evaluation and inference read the architecture from the model itself: remove architecture overrides "
+        "(--conv_dim, --num_res_blocks, ..., or a preset / network_def override) from the command, or pass the "
+        "values the model was trained with."
+    )

@@ -1,0 +1,86 @@
+"""The configs as a MONAI user meets them: merges, run ids, bundle properties, YAML overrides, one definition."""
+
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from bundle.engines import epochs_for
+from bundle.settings import DEFAULT_SETTINGS
+
+from .conftest import ROOT
+
+
+def config(*names):
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs", n) for n in names])
+    return parser
+
+
+def test_every_mergeable_config_sets_its_own_run():
+    assert config("train.json").get("run") == "@training"
+    assert config("train.json", "evaluate.json").get("run") == "@evaluating"
+    assert config("inference.json").get("run") == "@inferring"
+    for preset in os.listdir(os.path.join(ROOT, "configs", "presets")):  # presets never change the workflow
+        assert "run" not in config(os.path.join("presets", preset)).get()
+
+
+def test_metadata_found_where_monai_looks_for_it():
+    path = os.path.join(ROOT, "configs", "metadata.json")
+    assert os.path.realpath(path) == os.path.realpath(os.path.join(ROOT, "metadata.json"))
+    meta = json.load(open(path))
+    assert meta["version"] in meta["changelog"]
+
+
+def test_iterations_must_be_a_multiple_of_val_interval():
+    assert epochs_for(1200, 50) == 24
+    with pytest.raises(ValueError, match=r"iterations \(1234\) must be a positive multiple of val_interval \(50\)"):
+        epochs_for(1234, 50)
+    with pytest.raises(ValueError, match="1250 or 1200"):
+        epochs_for(1234, 50)
+    with pytest.raises(ValueError, match="multiple"):
+        epochs_for(10, 25)
+    assert config("train.json").get_parsed_content("train#trainer#max_epochs", lazy=True) is not None
+
+
+def test_demo_defaults_are_one_definition():
+    """bundle.settings.DEFAULT_SETTINGS (the fallback for models that record nothing) equals train.json's demo."""
+    parser = config("train.json")
+    net = parser.get("network_def")
+    resolved = {
+        k: parser.get_parsed_content(v[1:]) if isinstance(v, str) and v.startswith("@") else v for k, v in net.items()
+    }
+    assert resolved == DEFAULT_SETTINGS["network_def"]
+    assert parser.get("image_size") == DEFAULT_SETTINGS["image_size"]
+
+
+def test_inference_preprocessing_is_the_training_preprocessing():
+    train, infer = config("train.json").get("preprocessing"), config("inference.json").get("preprocessing")
+    # training caches decoded tensors without metadata; inference keeps the metadata for its writers
+    assert train["transforms"][:-1] == infer["transforms"]
+    assert train["transforms"][-1]["_target_"] == "EnsureTyped"
+
+
+def test_yaml_override_merges_with_json(tmp_path):
+    pytest.importorskip("yaml")
+    override = tmp_path / "my.yaml"
+    override.write_text("conv_dim: 12\nnum_res_blocks: 2\nlr: 1.0e-4\n")
+    parser = config("train.json", str(override))
+    assert parser.get_parsed_content("conv_dim") == 12
+    assert parser.get_parsed_content("lr") == 1e-4
+    assert parser.get_parsed_content("network_def").hparams["conv_dim"] == 12
+
+
+@pytest.mark.parametrize("workflow_type", ["train", "infer"])
+def test_bundle_properties_complete(workflow_type, tiny_dataset, tmp_path):
+    files = ["train.json"] if workflow_type == "train" else ["inference.json"]
+    override = {"dataset_dir": tiny_dataset if workflow_type == "train" else os.path.join(tiny_dataset, "images")}
+    override.update(ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "out"), progress_bar=False)
+    workflow = ConfigWorkflow(
+        config_file=[os.path.join(ROOT, "configs", f) for f in files], workflow_type=workflow_type, **override
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    torch.set_grad_enabled(True)
