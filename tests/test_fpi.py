@@ -3,7 +3,9 @@ import torch
 from monai.utils import set_determinism
 
 from bundle.data import ImageCache, SAGANTrainingDataset
-from bundle.transforms import ForeignPatchInterpolationd
+import pytest
+
+from bundle.transforms import ForeignPatchInterpolationd, RandForeignPatchInterpolation, RandForeignPatchInterpolationd
 
 
 def make_item():
@@ -11,7 +13,7 @@ def make_item():
 
 
 def test_ranges_and_blend():
-    t = ForeignPatchInterpolationd(keys="normal").set_random_state(0)
+    t = RandForeignPatchInterpolationd(keys="normal").set_random_state(0)
     centres, widths, alphas = [], [], []
     for _ in range(400):
         item = make_item()
@@ -32,16 +34,16 @@ def test_ranges_and_blend():
 
 def test_reproducible_with_random_state():
     item = make_item()
-    a = ForeignPatchInterpolationd(keys="normal").set_random_state(7)(item)["pseudo"]
-    b = ForeignPatchInterpolationd(keys="normal").set_random_state(7)(item)["pseudo"]
-    c = ForeignPatchInterpolationd(keys="normal").set_random_state(8)(item)["pseudo"]
+    a = RandForeignPatchInterpolationd(keys="normal").set_random_state(7)(item)["pseudo"]
+    b = RandForeignPatchInterpolationd(keys="normal").set_random_state(7)(item)["pseudo"]
+    c = RandForeignPatchInterpolationd(keys="normal").set_random_state(8)(item)["pseudo"]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_donor_differs_from_image_and_is_reproducible():
     images = [{"image": torch.full((1, 8, 8), float(i))} for i in range(5)]
     normal = ImageCache(images, transform=lambda d: d)
-    ds = SAGANTrainingDataset(normal, None, ForeignPatchInterpolationd(keys="normal"))
+    ds = SAGANTrainingDataset(normal, None, RandForeignPatchInterpolationd(keys="normal"))
     ds.set_random_state(3)
     draws = []
     for _ in range(20):
@@ -53,3 +55,21 @@ def test_donor_differs_from_image_and_is_reproducible():
     set_determinism(seed=0)
     ds.set_random_state(3)
     assert [int(ds[i]["donor"][0, 0, 0]) for i in range(5)] == draws[:5]
+
+
+def test_array_version_and_prob():
+    item = make_item()
+    dict_out = RandForeignPatchInterpolationd(keys="normal").set_random_state(3)(item)
+    pseudo, mask = RandForeignPatchInterpolation().set_random_state(3)(item["normal"], item["donor"])
+    assert torch.equal(pseudo, dict_out["pseudo"]) and torch.equal(mask, dict_out["pseudo_mask"])
+    never = RandForeignPatchInterpolationd(keys="normal", prob=0.0).set_random_state(3)(item)
+    assert torch.equal(never["pseudo"], item["normal"]) and never["pseudo_mask"].sum() == 0
+    half = RandForeignPatchInterpolationd(keys="normal", prob=0.5).set_random_state(0)
+    applied = [half(make_item())["pseudo_mask"].sum() > 0 for _ in range(200)]
+    assert 0.35 < np.mean(applied) < 0.65
+
+
+def test_old_name_is_a_deprecated_alias():
+    with pytest.warns(FutureWarning, match="RandForeignPatchInterpolationd"):
+        old = ForeignPatchInterpolationd(keys="normal")
+    assert isinstance(old, RandForeignPatchInterpolationd)

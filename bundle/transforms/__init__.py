@@ -1,4 +1,4 @@
-from .fpi import ForeignPatchInterpolationd
+from .fpi import ForeignPatchInterpolationd, RandForeignPatchInterpolation, RandForeignPatchInterpolationd
 from .io import BadImageError, LoadGrayscaleImaged, load_grayscale
 from .saving import SaveHeatmapd
 from .scoring import AnomalyScored, anomaly_map, anomaly_score, score_columns
