@@ -1,5 +1,6 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""conv -> norm -> activation layers of SAGAN, as MONAI ``Convolution`` blocks."""
+"""conv -> norm -> activation layers of the SAGAN generator (paper, Fig. 2 and Secs. 2.2-2.3) and critic
+(paper, Sec. 3.1, "Implementation details"), as MONAI ``Convolution`` blocks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ IN_PLAIN = ("instance", {"affine": False})
 
 
 def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False, norm=IN_AFFINE, act="relu"):
-    """conv -> norm -> activation (``norm``/``act`` may be ``None``); "same" padding at stride 1, halving at 2."""
+    """conv -> norm -> activation (``norm``/``act`` may be ``None``); "same" padding at stride 1, halving at 2.
+
+    Maps (B, cin, H, W) to (B, cout, H / stride, W / stride).
+    """
     return Convolution(
         spatial_dims=2,
         in_channels=cin,
@@ -28,7 +32,7 @@ def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = F
 
 
 def up_block(cin: int, cout: int) -> Convolution:
-    """4x4 stride-2 transposed conv (no bias) -> IN(affine) -> ReLU, doubling the spatial size."""
+    """4x4 stride-2 transposed conv (no bias) -> IN(affine) -> ReLU: (B, cin, H, W) -> (B, cout, 2H, 2W)."""
     return Convolution(
         spatial_dims=2,
         in_channels=cin,

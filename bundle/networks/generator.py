@@ -1,6 +1,14 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""SAGAN generator: a patch-wise U-Net with position codes (ACM), attention gates (ARRM) and
-multi-level feature fusion that turns an image into its healthy version (SPEC.md, "Generator")."""
+"""SAGAN generator (paper, Fig. 2): a patch-wise U-Net that turns an image into its healthy version.
+
+- Additive map and output (paper, Sec. 2.1, Eqs. 1-2): the network predicts an additive map I(x); in training a
+  per-pixel Bernoulli(p) mask delta gives G(x) = I(x) * delta + (1 - delta) * x, and x' = tanh(G(x) + x).
+- Anatomical consistency module, ACM (paper, Sec. 2.2): the image is cut into N x N patches and each patch's
+  binary position code is concatenated to its features (encoder and bottleneck), then fused by a 1x1 conv.
+- Abnormal region restoration module, ARRM (paper, Sec. 2.3, Eqs. 8-9): attention gates filter the skip
+  connections at each decoder level; the decoder outputs are upsampled, concatenated and fused into the
+  additive map by multi-level feature fusion (paper, Sec. 2.3, last sentence; Fig. 2).
+"""
 
 from __future__ import annotations
 
@@ -45,11 +53,13 @@ def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class PositionalConditionEncoding(nn.Module):
-    """Binary position code of each patch, broadcast as constant feature maps (the ACM's input).
+    """Binary position code of each patch, broadcast as constant feature maps (the ACM's input, paper, Sec. 2.2).
 
     With ``n`` patches per side there are ``n*n`` patches and ``floor(log2(n*n)) + 1`` bits; patch ``k``
-    gets the binary digits of ``k``, most significant bit first. ``forward`` takes features
-    (B*n*n, C, h, w) ordered as :func:`split_patches` makes them and returns (B*n*n, C + bits, h, w).
+    gets the binary digits of ``k``, most significant bit first (n = 2: 3 bits, patch 0 = [0, 0, 0], as in the
+    paper). The paper writes the width as ceil(log2(N x N) + 1), the same number when N is a power of 2 (for
+    other N it is one bit more). ``forward`` takes features (B*n*n, C, h, w) ordered as :func:`split_patches`
+    makes them and returns (B*n*n, C + bits, h, w).
     """
 
     def __init__(self, patches_per_side: int) -> None:
@@ -67,7 +77,8 @@ class PositionalConditionEncoding(nn.Module):
 
 
 class PositionBlock(nn.Module):
-    """ACM block: concatenate the position code, then 1x1 conv (bias) -> IN (no affine) -> ReLU back to C."""
+    """ACM block (paper, Sec. 2.2): concatenate the position code, then 1x1 conv (bias) -> IN (no affine) -> ReLU
+    back to C channels: (B*n*n, C, h, w) -> (B*n*n, C, h, w)."""
 
     def __init__(self, channels: int, encoding: PositionalConditionEncoding) -> None:
         super().__init__()
@@ -103,10 +114,12 @@ class DecoderResidualBlock(nn.Module):
 
 
 class AttentionGate(nn.Module):
-    """ARRM attention gate: psi = sigmoid(IN(conv1x1(ReLU(IN(conv1x1(g)) + IN(conv1x1(x)))))), returns x * psi.
+    """ARRM attention gate (paper, Sec. 2.3, Eqs. 8-9): psi = sigmoid(IN(conv1x1(ReLU(IN(conv1x1(gate)) +
+    IN(conv1x1(skip)))))), returns skip * psi.
 
-    ``gate`` (B, Cg, h, w) and ``skip`` (B, Cx, h, w) share the spatial size; the output has the skip's shape
-    and psi is in (0, 1).
+    In the paper's notation ``gate`` is f^l (the decoder feature, C_1) and ``skip`` is g^l (the skip connection,
+    C_2), which Eq. 9 rescales by alpha = psi. ``gate`` (B, Cg, h, w) and ``skip`` (B, Cx, h, w) share the
+    spatial size; the output has the skip's shape and psi is in (0, 1).
     """
 
     def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int) -> None:
@@ -120,7 +133,7 @@ class AttentionGate(nn.Module):
 
 
 class SAGANGenerator(nn.Module):
-    """SAGAN generator. Default arguments are the paper preset (44,758,979 parameters).
+    """SAGAN generator (paper, Fig. 2). Default arguments are the paper preset (44,758,979 parameters).
 
     Args:
         in_channels: image channels (1, grey).
@@ -130,11 +143,18 @@ class SAGANGenerator(nn.Module):
             batch items (N=1: no split).
         position_code: use the anatomical consistency module (position code + position blocks).
         attention_gates: use the abnormal region restoration module; off = the plain skip is concatenated.
-        keep_prob: probability of the delta mask keeping the additive map in train mode (1.0 = no gating).
+        keep_prob: probability p of the delta mask keeping the additive map in train mode (paper, Sec. 2.1,
+            Eq. 1; 1.0 = no gating).
 
     ``forward`` takes (B, C, H, W) in [-1, 1], H and W divisible by 8*N, and returns the restored image, same
     shape, in (-1, 1). Train mode draws a new delta mask at every call; eval mode is deterministic.
+
+    ``hparams`` holds the constructor arguments (a JSON-able dict). The module scripts with ``torch.jit.script``;
+    without attention gates ``gate1``..``gate3`` are ``None``.
     """
+
+    # a dict of mixed value types has no TorchScript type; it is bookkeeping, not used by forward
+    __jit_ignored_attributes__ = ["hparams"]
 
     def __init__(
         self,
@@ -147,6 +167,15 @@ class SAGANGenerator(nn.Module):
         keep_prob: float = 0.95,
     ) -> None:
         super().__init__()
+        self.hparams = {
+            "in_channels": in_channels,
+            "conv_dim": conv_dim,
+            "num_res_blocks": num_res_blocks,
+            "patches_per_side": patches_per_side,
+            "position_code": position_code,
+            "attention_gates": attention_gates,
+            "keep_prob": keep_prob,
+        }
         if not 0.0 < keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}.")
         for name, flag in (("position_code", position_code), ("attention_gates", attention_gates)):
@@ -171,10 +200,10 @@ class SAGANGenerator(nn.Module):
         # bottleneck
         self.bottleneck = nn.Sequential(position_block(d8), *[ResidualBlock(d8) for _ in range(num_res_blocks)])
         # decoder
-        if attention_gates:
-            self.gate1 = AttentionGate(d8, d8, d8 // 2)
-            self.gate2 = AttentionGate(d4, d4, d4 // 2)
-            self.gate3 = AttentionGate(d2, d2, d2 // 2)
+        # None (no module, no state-dict entries) without gates; TorchScript prunes the `is not None` branches
+        self.gate1 = AttentionGate(d8, d8, d8 // 2) if attention_gates else None
+        self.gate2 = AttentionGate(d4, d4, d4 // 2) if attention_gates else None
+        self.gate3 = AttentionGate(d2, d2, d2 // 2) if attention_gates else None
         self.dec1 = nn.Sequential(DecoderResidualBlock(2 * d8, d8), up_block(d8, d4))
         self.dec2 = nn.Sequential(DecoderResidualBlock(2 * d4, d4), up_block(d4, d2))
         self.dec3 = nn.Sequential(DecoderResidualBlock(2 * d2, d2), up_block(d2, d1))
@@ -183,18 +212,23 @@ class SAGANGenerator(nn.Module):
         self.fuse2 = up_block(d2, d1)
         self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), conv_block(d1, in_channels, 7, norm=None, act=None))
 
-    def _skip(self, name: str, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)(gate, skip) if self.use_attention_gates else skip
-
     def additive_map(self, p: torch.Tensor) -> torch.Tensor:
-        """The additive map I(x) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w)."""
+        """The additive map I(x) (paper, Eq. 1) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w), unbounded."""
         y0 = self.stem(p)
         y1 = self.down1(y0)
         y2 = self.down2(y1)
         emb = self.bottleneck(self.down3(y2))
-        out1 = self.dec1(torch.cat([emb, self._skip("gate1", emb, emb)], dim=1))
-        out2 = self.dec2(torch.cat([out1, self._skip("gate2", out1, y2)], dim=1))
-        out3 = self.dec3(torch.cat([out2, self._skip("gate3", out2, y1)], dim=1))
+        # without gates the plain skips are concatenated
+        s1, s2, s3 = emb, y2, y1
+        if self.gate1 is not None:
+            s1 = self.gate1(emb, emb)
+        out1 = self.dec1(torch.cat([emb, s1], dim=1))
+        if self.gate2 is not None:
+            s2 = self.gate2(out1, y2)
+        out2 = self.dec2(torch.cat([out1, s2], dim=1))
+        if self.gate3 is not None:
+            s3 = self.gate3(out2, y1)
+        out3 = self.dec3(torch.cat([out2, s3], dim=1))
         return self.head(torch.cat([self.fuse1(out1), self.fuse2(out2), out3], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
