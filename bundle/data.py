@@ -116,11 +116,18 @@ def load_medad_datalist(dataset_dir: str, check_files: bool = True) -> MedADData
 
 
 def select_unlabeled(
-    datalist: MedADDatalist, anomaly_ratio: float = 0.6, size: int | None = None, seed: int = 0
+    datalist: MedADDatalist,
+    anomaly_ratio: float = 0.6,
+    size: int | None = None,
+    seed: int = 0,
+    order: str = "random",
 ) -> list[str]:
     """The unlabeled training set T_u: ``floor(anomaly_ratio * size)`` files from ``unlabeled/1`` and the rest
-    from ``unlabeled/0``, each drawn without replacement with ``seed``. ``size`` defaults to |T_n|; 0 gives the
-    paper's "0_u" setting (no unlabeled data)."""
+    from ``unlabeled/0``. ``order="random"`` draws each without replacement with ``seed``; ``"first"`` takes the
+    first files of each list in data.json order, as the published code does. ``size`` defaults to |T_n|; 0 gives
+    the paper's "0_u" setting (no unlabeled data)."""
+    if order not in ("random", "first"):
+        raise DatalistError(f"unlabeled_selection must be 'random' or 'first', got {order!r}.")
     if not 0.0 <= anomaly_ratio <= 1.0:
         raise DatalistError(f"anomaly_ratio must be in [0, 1], got {anomaly_ratio}.")
     size = len(datalist.normal) if size is None else int(size)
@@ -132,6 +139,8 @@ def select_unlabeled(
                 f"{datalist.root}/data.json: 'train/unlabeled/{key}' has {len(pool)} images; {n} are needed for "
                 f"{size} unlabeled images at anomaly ratio {anomaly_ratio}."
             )
+    if order == "first":
+        return datalist.unlabeled_normal[:n_normal] + datalist.unlabeled_abnormal[:n_abnormal]
     rng = np.random.default_rng(seed)
     abnormal = [
         datalist.unlabeled_abnormal[i]

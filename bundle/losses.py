@@ -1,5 +1,5 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""WGAN-GP losses of SAGAN (SPEC.md, "Training")."""
+"""WGAN-GP losses of SAGAN (paper, Sec. 2.1, Eq. 3-7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""The authors' learning-rate "decay" as a ``LambdaLR`` factor (SPEC.md, "Training")."""
+"""The authors' learning-rate "decay" as a ``LambdaLR`` factor (the published training code; paper, Sec. 3.1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Anomaly score and heat map from an image and its restored (healthy) version (SPEC.md, "Scoring")."""
+"""Anomaly score and heat map from an image and its restored (healthy) version (paper, Sec. 2.1 and Fig. 1)."""
 
 from __future__ import annotations
 
