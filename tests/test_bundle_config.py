@@ -84,3 +84,28 @@ def test_bundle_properties_complete(workflow_type, tiny_dataset, tmp_path):
     workflow.initialize()
     assert workflow.check_properties() == []
     torch.set_grad_enabled(True)
+
+
+def test_time_limit_stops_cleanly():
+    import time
+
+    from ignite.engine import Engine, Events
+
+    from bundle.handlers import TrainingTimeLimit
+
+    engine = Engine(lambda e, b: time.sleep(0.02))
+    completed = []
+    engine.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
+    TrainingTimeLimit(max_minutes=0.1 / 60).attach(engine)  # 0.1 s
+    engine.run(range(1000), max_epochs=1)
+    assert 2 <= engine.state.iteration < 50 and completed == [engine.state.iteration]  # COMPLETED: final checkpoint
+    unlimited = Engine(lambda e, b: None)
+    TrainingTimeLimit(max_minutes=0).attach(unlimited)
+    assert unlimited.run(range(10)).iteration == 10
+
+
+def test_early_stop_is_wired_and_off_by_default():
+    parser = config("train.json")
+    early = [h for h in parser.get("validate#handlers") if isinstance(h, dict) and h["_target_"] == "EarlyStopHandler"]
+    assert len(early) == 1 and early[0]["trainer"] == "@train#trainer"
+    assert parser.get_parsed_content("early_stop_patience") == 0 and parser.get_parsed_content("max_minutes") == 0

@@ -3,3 +3,4 @@ from .evaluation_report import EvaluationReportHandler, precision_recall_curve, 
 from .model_loader import GeneratorLoader
 from .operating_point import OperatingPointHandler
 from .tensorboard_images import RestorationImageHandler
+from .time_limit import TrainingTimeLimit
