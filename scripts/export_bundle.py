@@ -139,7 +139,7 @@ def export(
         shutil.copytree(os.path.join(ROOT, "bundle"), os.path.join(work, "bundle"), ignore=ignore)
         configs = os.path.join(work, "configs")
         shutil.copytree(os.path.join(ROOT, "configs", "presets"), os.path.join(configs, "presets"))
-        for f in ("train.json", "evaluate.json", "logging.conf"):
+        for f in ("train.json", "evaluate.json", "multi_gpu_train.json", "mlflow.json", "logging.conf"):
             shutil.copy(os.path.join(ROOT, "configs", f), configs)
         inference = json.load(open(os.path.join(ROOT, "configs", "inference.json")))
         write_json(os.path.join(configs, "inference.json"), exported_inference_config(inference, settings))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 __all__ = ["TrainingTimeLimit"]
@@ -37,6 +39,12 @@ class TrainingTimeLimit:
 
     def _check(self, engine: Engine) -> None:
         minutes = (time.perf_counter() - self._start) / 60
-        if minutes >= self.max_minutes:
+        stop = minutes >= self.max_minutes
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # multi-GPU: every rank must stop after the same iteration, or the others wait in the next all-reduce
+            flag = torch.tensor(float(stop), device=engine.state.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             logger.info(f"time budget of {self.max_minutes} min reached at iteration {engine.state.iteration}: stopping")
             engine.terminate()
