@@ -3,8 +3,9 @@
 thresholding, speck removal, bounding boxes, and mapping back to the input image's grid.
 
 The heat map is |x - x'| at the model's grid (paper, Fig. 3: the difference between an image and its restored,
-healthy version, whose abnormal regions the paper marks with boxes); a region is a connected set of pixels whose smoothed heat exceeds the model's
-``pixel_threshold`` (a high quantile of the smoothed heat maps of normal validation images).
+healthy version, whose abnormal regions the paper marks with boxes); a region is a connected set of pixels whose
+smoothed heat exceeds the model's ``pixel_threshold`` (a high quantile of the smoothed heat maps of normal validation
+images).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, MapTransform
-from skimage.measure import label as connected_components
-from skimage.measure import regionprops
 
 __all__ = ["HEATMAP_SIGMA", "MIN_REGION_SIZE", "AnomalyRegionsd", "find_regions", "region_mask", "smooth_heatmap"]
 
@@ -49,6 +48,8 @@ def region_mask(
         ``labels``: (H, W) int32, 0 outside the regions and 1..K inside, numbered in scan order;
         ``smoothed``: (H, W) float32, the smoothed heat map (same range as ``heatmap``).
     """
+    from skimage.measure import label as connected_components  # only region finding needs scikit-image
+
     if heatmap.ndim == 3 and heatmap.shape[0] == 1:
         heatmap = heatmap[0]
     if heatmap.ndim != 2:
@@ -81,6 +82,8 @@ def find_regions(
         inclusive pixel indices of the target grid (x along its first axis, y along its second), ``area`` (pixels
         of the target grid), ``peak_heat`` (maximum smoothed heat inside the region at the model grid, in [0, 2]).
     """
+    from skimage.measure import regionprops
+
     if spatial_size is None:
         mapped = labels.astype(np.int32)
     else:

@@ -1,0 +1,166 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""The app's parts in-process (no bundle training): the normal/abnormal convention, the training split and its
+refusals, the Med-AD folder, the publish-if-better rule, DICOM series in the datastore."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from monailabel.interfaces.exception import MONAILabelException
+from PIL import Image
+
+from bundle.data import load_medad_datalist
+
+from .helpers import ROOT, app_client, bad_model, write_series
+
+
+def _save_label(datastore, image_id: str, array: np.ndarray, tmp_path) -> None:
+    path = tmp_path / f"{image_id}_label.png"
+    Image.fromarray(array).save(path)
+    datastore.save_label(image_id, str(path), "final", {})
+
+
+@pytest.fixture()
+def datastore(demo_images, tmp_path):
+    """13 demo images and one DICOM series: 5 normal by info tag, 1 normal by an empty final label, 1 abnormal by
+    a final label with a region, 1 abnormal by info tag, 1 tagged normal but with a region (the tag wins),
+    4 unlabeled."""
+    from lib.datastore import SAGANDatastore
+
+    root = tmp_path / "studies"
+    root.mkdir()
+    available = sorted(os.listdir(demo_images))
+
+    def pick(prefix: str, start: int, stop: int) -> list[str]:
+        return [n for n in available if n.startswith(prefix)][start:stop]
+
+    names = pick("train_0", 0, 6) + pick("val_1", 0, 2) + pick("train_0", 6, 7)
+    names += pick("unlabeled_0", 0, 2) + pick("unlabeled_1", 0, 2)
+    for n in names:
+        shutil.copy(os.path.join(demo_images, n), root / n)
+    write_series(str(root / "series"), [np.full((8, 8), 100, np.uint16)] * 2)
+    store = SAGANDatastore(str(root), extensions=["*.png"], auto_reload=False)
+    ids = [os.path.splitext(n)[0] for n in names]
+    empty = np.zeros((96, 96), np.uint8)
+    region = empty.copy()
+    region[10:20, 10:20] = 1
+    for i in ids[:5]:
+        store.update_image_info(i, {"sagan": "normal"})
+    _save_label(store, ids[5], empty, tmp_path)
+    _save_label(store, ids[6], region, tmp_path)
+    store.update_image_info(ids[7], {"sagan": "Abnormal"})
+    store.update_image_info(ids[8], {"sagan": "normal"})
+    _save_label(store, ids[8], region, tmp_path)
+    return store, ids
+
+
+def test_image_class_convention(datastore):
+    from lib.datastore import image_class
+
+    store, ids = datastore
+    classes = [image_class(store, i) for i in ids]
+    assert classes == ["normal"] * 6 + ["abnormal"] * 2 + ["normal"] + [None] * 4
+    store.update_image_info(ids[0], {"sagan": "healthy"})
+    with pytest.raises(ValueError, match=f"image {ids[0]}: info 'sagan' is 'healthy'"):
+        image_class(store, ids[0])
+
+
+def test_series_folders_are_images(datastore):
+    store, ids = datastore
+    assert "series" in store.list_images()
+    assert os.path.isdir(store.get_image_uri("series"))
+    assert "labels" not in store.list_images()
+
+
+def test_split(datastore, tmp_path):
+    from lib.trainers.sagan import split_datastore, write_medad
+
+    store, ids = datastore
+    path = {i: store.get_image_uri(i) for i in ids}
+    split = split_datastore(store, min_normal=4, val_fraction=0.3, seed=0)
+    normal = {path[i] for i in ids[:6] + [ids[8]]}
+    assert len(split.val["0"]) == 2 and len(split.normal) == 5  # round(0.3 * 7) held out
+    assert set(split.val["0"]) | set(split.normal) == normal and not set(split.val["0"]) & set(split.normal)
+    assert set(split.val["1"]) == {path[ids[6]], path[ids[7]]}
+    assert set(split.unlabeled) == {path[i] for i in ids[9:]}
+    assert split.skipped == ["series"]
+    assert split_datastore(store, 4, 0.3, seed=0) == split  # deterministic
+    root = write_medad(split, str(tmp_path / "medad"))
+    datalist = load_medad_datalist(root)  # the bundle's own reader accepts it
+    assert len(datalist.normal) == 5 and len(datalist.unlabeled_normal) == 4 and not datalist.unlabeled_abnormal
+    assert {k: len(v) for k, v in datalist.val.items()} in ({"0": 2, "1": 2}, {0: 2, 1: 2})
+    assert all(os.path.realpath(f) in normal for f in datalist.normal)
+
+
+def test_split_refusals(datastore):
+    from lib.trainers.sagan import split_datastore
+
+    store, ids = datastore
+    with pytest.raises(MONAILabelException, match="at least 8 known-normal images.*has 7"):
+        split_datastore(store, min_normal=8, val_fraction=0.2)
+    for i in (ids[6], ids[7]):
+        store.update_image_info(i, {"sagan": "normal"})
+    with pytest.raises(MONAILabelException, match="at least one known-abnormal image"):
+        split_datastore(store, min_normal=4, val_fraction=0.2)
+
+
+def test_training_refusal_over_rest(demo_images, tiny_model, tmp_path):
+    studies = tmp_path / "few"
+    studies.mkdir()
+    names = sorted(os.listdir(demo_images))[:3]
+    for n in names:
+        shutil.copy(os.path.join(demo_images, n), studies / n)
+    conf = {"model_dir": str(tmp_path / "models"), "min_normal_images": "5"}
+    with app_client(str(studies), conf) as client:
+        assert "sagan" not in client.get("/info/").json()["models"]  # no model yet: infer task not listed
+        for n in names:
+            info = {"info": json.dumps({"sagan": "normal"})}
+            assert client.put(f"/datastore/image/info?image={n[:-4]}", data=info).status_code == 200
+        response = client.post("/train/sagan?run_sync=true", json={})
+        assert response.status_code == 422
+        assert "at least 5 known-normal images" in response.json()["detail"]
+        assert not os.path.exists(tmp_path / "models" / "model.pt")
+        os.makedirs(tmp_path / "models")
+        shutil.copy(tiny_model, tmp_path / "models" / "model.pt")
+        assert "sagan" in client.get("/info/").json()["models"]  # a model appeared: the task is created
+
+
+@pytest.mark.parametrize(
+    "served, new, publish, expected",
+    [("black", "white", "better", False), ("white", "black", "better", True), ("black", "white", "always", True)],
+)
+def test_publish_only_a_better_model(datastore, tiny_model, tmp_path, served, new, publish, expected):
+    """Black-out restores everything to -1 (score = brightness: abnormal demo images are brighter), white-out to
+    +1 (the reverse order); the bundle's training is replaced by copying the "new" model."""
+    from lib.trainers.sagan import SAGANTrainTask, split_datastore, val_auc
+
+    store, _ = datastore
+    models = {c: bad_model(tiny_model, str(tmp_path / f"{c}.pt"), v) for c, v in (("black", -1.0), ("white", 1.0))}
+    val = split_datastore(store, 4, 0.3).val
+    assert val_auc(ROOT, models["black"], val) > val_auc(ROOT, models["white"], val)
+    published = tmp_path / "published" / "model.pt"
+    published.parent.mkdir()
+    shutil.copy(models[served], published)
+    conf = {"min_normal_images": "4", "val_fraction": "0.3", "publish": publish, "train_preset": "demo"}
+    task = SAGANTrainTask(ROOT, str(published), lambda: str(published), conf)
+    commands = []
+
+    def fake_training(cmd):
+        commands.append(cmd)
+        ckpt = cmd[cmd.index("--ckpt_dir") + 1]
+        os.makedirs(ckpt)
+        shutil.copy(models[new], os.path.join(ckpt, "model.pt"))
+
+    task._run_training = fake_training
+    stats = task({}, store)
+    assert stats["published"] is expected
+    assert open(published, "rb").read() == open(models[new if expected else served], "rb").read()
+    assert task.stats() == stats
+    cmd = commands[0]
+    assert cmd[cmd.index("--config_file") + 1] == "['configs/train.json']"
+    assert cmd[cmd.index("--anomaly_ratio") + 1] == "0" and cmd[cmd.index("--unlabeled_size") + 1] == "4"
+    assert not os.path.exists(os.path.dirname(cmd[cmd.index("--dataset_dir") + 1])), "work folder left behind"
