@@ -145,7 +145,9 @@ def describe_mismatch(model_path: str, network: nn.Module, state_dict: Mapping[s
     """One message naming the settings in which ``state_dict`` and ``network`` differ, and how to fix it."""
     configured = getattr(network, "hparams", {}) or {}
     found = infer_generator_hparams(state_dict)
-    differing = [f"{k}: checkpoint {v}, configured {configured.get(k)}" for k, v in found.items() if configured.get(k) != v]
+    differing = [
+        f"{k}: checkpoint {v}, configured {configured.get(k)}" for k, v in found.items() if configured.get(k) != v
+    ]
     detail = "; ".join(differing) if differing else "the parameter names or shapes differ"
     return (
         f"{model_path} does not fit the configured generator {type(network).__name__} ({detail}). "

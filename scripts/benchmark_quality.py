@@ -211,7 +211,11 @@ def report(csv_path: str, md_path: str) -> None:
         groups[(row["dataset"], row["variant"], row["preset"])].append(row)
     lines = [MARK_BEGIN, ""]
     for dataset in sorted({k[0] for k in groups}):
-        lines += [f"#### {dataset}", "", "| variant | preset | seeds | val AUC | test AUC | test AP | min/run | machine |"]
+        lines += [
+            f"#### {dataset}",
+            "",
+            "| variant | preset | seeds | val AUC | test AUC | test AP | min/run | machine |",
+        ]
         lines.append("|---|---|---|---|---|---|---|---|")
         for (d, variant, preset), group in sorted(groups.items()):
             if d != dataset:

@@ -62,11 +62,9 @@ def check_name(name: str) -> None:
 def bump_version(version: str, part: str) -> str:
     """Semantic version bump: ``0.2.0`` -> ``0.2.1`` (patch), ``0.3.0`` (minor), ``1.0.0`` (major)."""
     major, minor, patch = (int(v) for v in version.split("."))
-    return {
-        "major": f"{major + 1}.0.0",
-        "minor": f"{major}.{minor + 1}.0",
-        "patch": f"{major}.{minor}.{patch + 1}",
-    }[part]
+    return {"major": f"{major + 1}.0.0", "minor": f"{major}.{minor + 1}.0", "patch": f"{major}.{minor}.{patch + 1}"}[
+        part
+    ]
 
 
 def exported_metadata(meta: dict, settings: dict, part: str, changelog: str, metrics: dict | None) -> dict:
@@ -80,7 +78,9 @@ def exported_metadata(meta: dict, settings: dict, part: str, changelog: str, met
         for spec in meta["network_data_format"][io].values():
             spec["spatial_shape"] = size
     if metrics:
-        meta["eval_metrics"] = {k: float(metrics[k]) for k in ("auc", "ap", "sensitivity", "specificity") if k in metrics}
+        meta["eval_metrics"] = {
+            k: float(metrics[k]) for k in ("auc", "ap", "sensitivity", "specificity") if k in metrics
+        }
     return meta
 
 

@@ -1,10 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from monai.utils import set_determinism
 
 from bundle.data import ImageCache, SAGANTrainingDataset
-import pytest
-
 from bundle.transforms import ForeignPatchInterpolationd, RandForeignPatchInterpolation, RandForeignPatchInterpolationd
 
 

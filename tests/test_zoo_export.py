@@ -39,8 +39,11 @@ def exported(tiny_dataset, tmp_path_factory):
          "--iterations", "4", "--progress_bar", "False", *TINY],
         cwd=ROOT,
     )  # fmt: skip
-    run([sys.executable, os.path.join(ROOT, "scripts", "export_bundle.py"), "--model", str(work / "models" / "model.pt"),
-         "--output_dir", str(work / "dist")], cwd=work)  # fmt: skip
+    export = os.path.join(ROOT, "scripts", "export_bundle.py")
+    run(
+        [sys.executable, export, "--model", str(work / "models" / "model.pt"), "--output_dir", str(work / "dist")],
+        cwd=work,
+    )
     return work, work / "dist" / NAME
 
 
@@ -102,7 +105,10 @@ def test_metadata_verifies_and_pins_the_installed_versions(exported, tmp_path):
     if not os.path.isfile(schema):
         pytest.skip(f"{schema} is absent: verify_metadata would download it")
     shutil.copy(schema, tmp_path / "schema.json")
-    run(bundle_cmd(folder, "verify_metadata", "--filepath", str(tmp_path / "schema.json"), bundle_root=False), cwd=tmp_path)
+    run(
+        bundle_cmd(folder, "verify_metadata", "--filepath", str(tmp_path / "schema.json"), bundle_root=False),
+        cwd=tmp_path,
+    )
     meta = json.load(open(folder / "configs" / "metadata.json"))
     installed = {"monai_version": "monai", "pytorch_version": "torch", "numpy_version": "numpy"}
     for key, package in installed.items():

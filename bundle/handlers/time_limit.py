@@ -46,5 +46,7 @@ class TrainingTimeLimit:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         if stop:
-            logger.info(f"time budget of {self.max_minutes} min reached at iteration {engine.state.iteration}: stopping")
+            logger.info(
+                f"time budget of {self.max_minutes} min reached at iteration {engine.state.iteration}: stopping"
+            )
             engine.terminate()

@@ -96,11 +96,7 @@ class BrainomalyGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 1, conv_dim: int = 64, num_res_blocks: int = 6) -> None:
         super().__init__()
-        self.hparams = {
-            "in_channels": in_channels,
-            "conv_dim": conv_dim,
-            "num_res_blocks": num_res_blocks,
-        }
+        self.hparams = {"in_channels": in_channels, "conv_dim": conv_dim, "num_res_blocks": num_res_blocks}
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, conv_dim, kernel_size=7, stride=1, padding=3, bias=False),
             InstanceNormPerImage(conv_dim),
