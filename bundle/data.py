@@ -27,6 +27,7 @@ __all__ = [
     "image_items",
     "labelled_items",
     "list_images",
+    "SkippedImageError",
     "ImageCache",
     "SAGANTrainingDataset",
 ]
@@ -34,6 +35,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz")
+# about a million file names: a data.json above this is not a file list (and would take GBs to parse)
+MAX_DATALIST_BYTES = 64 * 2**20
 
 
 class DatalistError(ValueError):
@@ -67,23 +70,66 @@ def _labelled(split: object, name: str, json_path: str) -> dict[int, list[str]]:
     return {int(k): _file_list(split[k], f"'{name}/{k}'", json_path) for k in ("0", "1")}
 
 
+def _check_names(lists: dict[str, list[str]], json_path: str) -> None:
+    """Refuses a name that leaves ``images/``, a file listed twice in one list, and a file listed twice in ``val``
+    and ``test`` (in both splits, or under both labels); warns about a file in training and in ``val`` / ``test``."""
+    where: dict[str, str] = {}
+    for key, files in lists.items():
+        seen: set[str] = set()
+        for name in files:
+            if "\x00" in name:
+                raise DatalistError(f"{json_path}: '{key}' lists {name!r}, a file name with a NUL character.")
+            norm = os.path.normpath(name)
+            if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep):
+                raise DatalistError(
+                    f"{json_path}: '{key}' lists {name!r}, which points outside images/; names in data.json are "
+                    "file names relative to the images/ folder and must stay inside it."
+                )
+            if norm in seen:
+                raise DatalistError(
+                    f"{json_path}: '{key}' lists {name!r} more than once; each copy would be used (and, in val or "
+                    "test, scored) again."
+                )
+            seen.add(norm)
+            other = where.setdefault(norm, key)
+            if other == key:
+                continue
+            if "train" in (key.split("/")[0], other.split("/")[0]):  # odd, or a leak: say so, it is not fatal
+                leak = "" if key.startswith("train") else f"; the {key.split('/')[0]} metrics are optimistic"
+                logger.warning(f"{json_path}: {name!r} is listed under both '{other}' and '{key}'{leak}.")
+                continue
+            raise DatalistError(
+                f"{json_path}: {name!r} is listed under both '{other}' and '{key}'; an evaluated image belongs to one "
+                "split and has one label (otherwise the metrics count it twice or with both labels)."
+            )
+
+
 def load_medad_datalist(dataset_dir: str, check_files: bool = True) -> MedADDatalist:
     """Parse ``dataset_dir/data.json`` (Med-AD layout, images in ``dataset_dir/images``).
 
-    Required: ``train/0``; optional: ``train/unlabeled/{0,1}``, ``val/{0,1}``, ``test/{0,1}``.
-    With ``check_files`` every referenced file must exist; all missing files are listed in one error.
+    Required: ``train/0``; optional: ``train/unlabeled/{0,1}``, ``val/{0,1}``, ``test/{0,1}``. Names are relative
+    to ``images/`` (symbolic links inside it may point anywhere). With ``check_files`` every referenced file must
+    exist; all missing files are listed in one error.
 
     Raises:
-        DatalistError: no data.json, invalid JSON, missing or malformed keys, an empty ``train/0``, missing images.
+        DatalistError: no data.json, one larger than ``MAX_DATALIST_BYTES``, invalid JSON, missing or malformed
+            keys, an empty ``train/0``, a name outside ``images/``, a file listed twice in one list or twice in
+            val and test, missing images.
     """
     json_path = os.path.join(dataset_dir, "data.json")
     if not os.path.isfile(json_path):
         raise DatalistError(f"{json_path}: not found; a Med-AD data set needs images/ and data.json.")
+    size = os.path.getsize(json_path)
+    if size > MAX_DATALIST_BYTES:
+        raise DatalistError(
+            f"{json_path}: {size / 2**20:.0f} MiB, more than the {MAX_DATALIST_BYTES / 2**20:.0f} MiB a list of about "
+            "a million file names takes; is it the right file? (bundle.data.MAX_DATALIST_BYTES sets the limit)"
+        )
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatalistError(f"{json_path}: not valid JSON ({e}).") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DatalistError(f"{json_path}: not valid JSON ({type(e).__name__}: {e}).") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict) or "0" not in raw["train"]:
         raise DatalistError(f"{json_path}: key 'train/0' (the normal training images) is missing.")
     train = raw["train"]
@@ -92,6 +138,12 @@ def load_medad_datalist(dataset_dir: str, check_files: bool = True) -> MedADData
         raise DatalistError(f"{json_path}: key 'train/0' is empty.")
     unlabeled = train.get("unlabeled", {"0": [], "1": []})
     unl = _labelled(unlabeled, "train/unlabeled", json_path)
+    val = _labelled(raw["val"], "val", json_path) if "val" in raw else {}
+    test = _labelled(raw["test"], "test", json_path) if "test" in raw else {}
+    lists = {"train/0": normal, "train/unlabeled/0": unl[0], "train/unlabeled/1": unl[1]}
+    lists.update({f"val/{k}": v for k, v in val.items()})
+    lists.update({f"test/{k}": v for k, v in test.items()})
+    _check_names(lists, json_path)
     images = os.path.join(dataset_dir, "images")
 
     def absolute(files: list[str]) -> list[str]:
@@ -102,8 +154,8 @@ def load_medad_datalist(dataset_dir: str, check_files: bool = True) -> MedADData
         normal=absolute(normal),
         unlabeled_normal=absolute(unl[0]),
         unlabeled_abnormal=absolute(unl[1]),
-        val={k: absolute(v) for k, v in _labelled(raw["val"], "val", json_path).items()} if "val" in raw else {},
-        test={k: absolute(v) for k, v in _labelled(raw["test"], "test", json_path).items()} if "test" in raw else {},
+        val={k: absolute(v) for k, v in val.items()},
+        test={k: absolute(v) for k, v in test.items()},
     )
     if check_files:
         every = datalist.normal + datalist.unlabeled_normal + datalist.unlabeled_abnormal
@@ -194,14 +246,36 @@ def list_images(path: str | Sequence[str]) -> list[dict]:
     return image_items(files)
 
 
-class ImageCache(torch.utils.data.Dataset):
-    """Items ``{"image": path, ...}`` whose image is decoded once by the deterministic ``transform``.
+class SkippedImageError(BadImageError):
+    """A bad image that ``on_bad_image="skip"`` leaves out: raised by an uncached :class:`ImageCache` for an image
+    that became unreadable after start-up, so that the caller drops it (an evaluation batch) or draws another item
+    (the training pairs) instead of getting a neighbour in its place."""
 
-    With ``cache=True`` (default) every image is decoded at construction, in threads, so that a bad file is found
-    at start-up; ``cache=False`` decodes at each access (for data sets too large for memory; that the files exist
-    is checked at start-up by :func:`load_medad_datalist`). A bad image raises :class:`BadImageError` naming it,
-    or with ``on_bad_image="skip"`` is dropped (cached) or replaced by the next good item (uncached) with a logged
-    warning.
+
+class ImageCache(torch.utils.data.Dataset):
+    """Items ``{"image": path, ...}`` whose image is decoded by the deterministic ``transform``.
+
+    With ``cache=True`` (default) every image is decoded once at construction, in threads, and kept; ``cache=False``
+    decodes at each access (for data sets too large for memory).
+
+    A bad image raises :class:`BadImageError` naming it. With ``on_bad_image="skip"`` a bad image is left out, never
+    replaced by another one, logged, and recorded once in :attr:`skipped` (``{**item, "file", "reason"}``):
+
+    - at construction the images are checked (always when cached; uncached with ``validate``, the default: each image
+      is decoded once and thrown away), and the bad ones are dropped, so that the length counts good images only;
+    - an uncached image that goes bad later raises :class:`SkippedImageError` from ``__getitem__`` (the training
+      pairs then draw another pair) and is left out of its batch by ``__getitems__`` (what a DataLoader calls), so
+      that an evaluation scores each listed image at most once; ``EvaluationReportHandler`` reports the images it
+      did not score.
+
+    Args:
+        items: ``{"image": path, ...}`` dicts (``filename`` and ``label`` are kept for labelled sets).
+        transform: the deterministic preprocessing, item -> item.
+        cache: decode once at construction and keep the results.
+        on_bad_image: "error" (raise) or "skip".
+        num_workers: threads that decode at construction (default: up to 8).
+        name: what the images are, for messages.
+        validate: uncached and skipping: decode every image once at construction to drop the bad ones.
     """
 
     def __init__(
@@ -212,25 +286,36 @@ class ImageCache(torch.utils.data.Dataset):
         on_bad_image: str = "error",
         num_workers: int | None = None,
         name: str = "images",
+        validate: bool = True,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         self.transform = transform
         self.on_bad_image = on_bad_image
+        self.name = name
         self.items = list(items)
+        self.skipped: list[dict] = []
+        self._skipped_files: set[str] = set()
         self._cached: list[dict] | None = None
-        if not cache or not self.items:  # no items: the paper's "0_u" setting has no unlabeled images
+        if not (cache or (validate and on_bad_image == "skip")) or not self.items:  # no items: the "0_u" setting
             self._cached = [] if cache else None
             return
         start = time.perf_counter()
         with ThreadPoolExecutor(num_workers or min(8, os.cpu_count() or 1)) as pool:
-            results = list(pool.map(self._decode_or_none, self.items))
-        kept = [(item, r) for item, r in zip(self.items, results) if r is not None]
+            results = list(pool.map(lambda item: self._try(item, keep=cache), self.items))
+        kept = []
+        for item, result in zip(self.items, results):
+            if isinstance(result, BadImageError):
+                self._skip(item, result, log=True)
+            else:
+                kept.append((item, result))
         if not kept:
-            raise BadImageError(name, "no readable image left")
+            raise BadImageError(name, f"no readable image left ({len(self.skipped)} bad ones skipped)")
         self.items = [item for item, _ in kept]
-        self._cached = [r for _, r in kept]
-        logger.info(f"decoded {len(self._cached)} {name} in {time.perf_counter() - start:.1f} s")
+        self._cached = [r for _, r in kept] if cache else None
+        skipped = f", {len(self.skipped)} bad ones skipped" if self.skipped else ""
+        what = "decoded" if cache else "checked"
+        logger.info(f"{what} {len(self.items)} {name} in {time.perf_counter() - start:.1f} s{skipped}")
 
     def _decode(self, item: dict) -> dict:
         try:
@@ -244,14 +329,24 @@ class ImageCache(torch.utils.data.Dataset):
                 cause = BadImageError(str(item.get("image")), f"preprocessing failed ({type(root).__name__}: {root})")
             raise cause from e
 
-    def _decode_or_none(self, item: dict) -> dict | None:
+    def _try(self, item: dict, keep: bool) -> dict | bool | BadImageError:
+        """The decoded item (``keep``) or True; the error of a bad image when skipping."""
         try:
-            return self._decode(item)
+            result = self._decode(item)
         except BadImageError as e:
             if self.on_bad_image == "error":
                 raise
-            logger.warning(f"skipping bad image {e}")
-            return None
+            return e
+        return result if keep else True
+
+    def _skip(self, item: dict, error: BadImageError, log: bool) -> None:
+        file = str(item.get("filename", item.get("image")))
+        if file in self._skipped_files:
+            return
+        self._skipped_files.add(file)
+        self.skipped.append({**item, "file": file, "reason": error.problem})
+        if log:
+            logger.warning(f"skipping bad image {error} ({len(self.skipped)} {self.name} skipped so far)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -259,11 +354,30 @@ class ImageCache(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if self._cached is not None:
             return dict(self._cached[index])
-        for offset in range(len(self.items)):
-            result = self._decode_or_none(self.items[(index + offset) % len(self.items)])
-            if result is not None:
-                return result
-        raise BadImageError("data set", "no readable image left")
+        item = self.items[index]
+        result = self._try(item, keep=True)
+        if isinstance(result, BadImageError):
+            self._skip(item, result, log=False)  # the caller decides what to do and logs it
+            raise SkippedImageError(result.filename, result.problem) from result
+        return result
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """The items of one DataLoader batch, without the skipped ones (see the class docstring).
+
+        Raises:
+            BadImageError: every image of the batch went bad during the run (an empty batch cannot be scored)."""
+        out, lost = [], []
+        for i in indices:
+            try:
+                out.append(self[i])
+            except SkippedImageError as e:
+                logger.warning(f"skipping bad image {e}: it is left out of this batch and of the results")
+                lost.append(e.filename)
+        if not out:
+            raise BadImageError(
+                self.name, f"all {len(lost)} images of a batch became unreadable during the run: {', '.join(lost)}"
+            )
+        return out
 
 
 class SAGANTrainingDataset(Randomizable, torch.utils.data.Dataset):
@@ -274,12 +388,15 @@ class SAGANTrainingDataset(Randomizable, torch.utils.data.Dataset):
     (1, H, W) tensors in [-1, 1]. Pairs are fixed by index as in the authors' code; the loader shuffles them.
     """
 
+    MAX_REDRAWS = 100
+
     def __init__(self, normal: ImageCache, unlabeled: ImageCache | None, pair_transform: Callable | None = None):
         if len(normal) < 2:
             raise DatalistError("the normal training set needs at least 2 images (FPI takes a donor from it).")
         self.normal = normal
         self.unlabeled = unlabeled if unlabeled is not None and len(unlabeled) > 0 else None
         self.pair_transform = pair_transform
+        self.n_skipped = 0
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         """Seeds the donor draw and, from it, the pair transform (MONAI's DataLoader calls this per worker)."""
@@ -292,6 +409,24 @@ class SAGANTrainingDataset(Randomizable, torch.utils.data.Dataset):
         return max(len(self.normal), len(self.unlabeled) if self.unlabeled is not None else 0)
 
     def __getitem__(self, index: int) -> dict:
+        """Pair ``index``; when an image of it went bad during the run (an uncached set skipping bad images),
+        another pair drawn at random, logged and counted in :attr:`n_skipped`.
+
+        Raises:
+            BadImageError: ``MAX_REDRAWS`` draws in a row hit bad images."""
+        for _ in range(self.MAX_REDRAWS):
+            try:
+                return self._pair(index)
+            except SkippedImageError as e:
+                self.n_skipped += 1
+                logger.warning(
+                    f"skipping bad image {e}; pair {index} replaced by a random pair ({self.n_skipped} skipped in "
+                    "this process so far)"
+                )
+                index = int(self.R.randint(len(self)))
+        raise BadImageError("training images", f"{self.MAX_REDRAWS} draws in a row hit bad images")
+
+    def _pair(self, index: int) -> dict:
         n = len(self.normal)
         i = index % n
         j = (i + 1 + int(self.R.randint(0, n - 1))) % n  # uniform over the other n - 1 normal images
@@ -305,10 +440,62 @@ def display_batch(dataset: ImageCache, per_class: int = 4) -> torch.Tensor:
     """The first ``per_class`` normal and abnormal images of a labelled cache as (K, 1, H, W), for image grids."""
     picked: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     for i in range(len(dataset)):  # one pass, stopping early: an uncached set decodes only what it needs
-        item = dataset[i]
+        try:
+            item = dataset[i]
+        except SkippedImageError:
+            continue
         label = int(item["label"])
         if len(picked[label]) < per_class:
             picked[label].append(torch.as_tensor(item["image"]).as_subclass(torch.Tensor))
         if all(len(v) == per_class for v in picked.values()):
             break
     return torch.stack(picked[0] + picked[1])
+
+
+def load_masks(datalist: MedADDatalist) -> dict[str, str]:
+    """Lesion masks from the optional ``"masks"`` entry of ``data.json``, as absolute paths ``{image: mask}``.
+
+    ``"masks": {"<image file>": "<mask file>", ...}``: keys are image names exactly as listed in the splits
+    (relative to ``images/``), values are mask files relative to the data set folder (e.g. ``masks/<name>.png``).
+    A mask has the image's size and format family (it is read by the same reader); non-zero pixels are lesion.
+    Images without an entry have no mask. Returns ``{}`` when data.json has no ``"masks"``.
+
+    Raises:
+        DatalistError: ``"masks"`` is not a mapping of file names, names an image that data.json does not list,
+            or lists mask files that do not exist (all missing files in one message).
+    """
+    json_path = os.path.join(datalist.root, "data.json")
+    with open(json_path) as f:
+        raw = json.load(f)
+    entry = raw.get("masks") if isinstance(raw, dict) else None
+    if entry is None:
+        return {}
+    valid = isinstance(entry, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in entry.items())
+    if not valid:
+        raise DatalistError(f"{json_path}: key 'masks' must map image file names to mask file names.")
+    images = os.path.join(datalist.root, "images")
+    listed = set(datalist.normal + datalist.unlabeled_normal + datalist.unlabeled_abnormal)
+    listed.update(f for split in (datalist.val, datalist.test) for files in split.values() for f in files)
+    unknown = [k for k in entry if os.path.join(images, k) not in listed]
+    if unknown:
+        raise DatalistError(
+            f"{json_path}: 'masks' names {len(unknown)} image(s) that no split lists (keys are image names as in "
+            f"the splits, relative to images/): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    masks = {os.path.join(images, k): os.path.join(datalist.root, v) for k, v in entry.items()}
+    missing = [m for m in dict.fromkeys(masks.values()) if not os.path.isfile(m)]
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise DatalistError(
+            f"{json_path}: {len(missing)} mask file(s) listed under 'masks' not found (paths are relative to the "
+            f"data set folder):\n  {shown}"
+        )
+    return masks
+
+
+def with_masks(items: Sequence[dict], masks: dict[str, str]) -> list[dict]:
+    """``items`` with a ``"mask"`` entry each: the image's mask file from :func:`load_masks`, or ``""`` (none).
+
+    Every item gets the key so that a batch collates; :class:`bundle.localisation.LoadLesionMaskd` turns it into
+    a mask and a ``has_mask`` flag."""
+    return [{**item, "mask": masks.get(item["image"], "")} for item in items]

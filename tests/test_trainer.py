@@ -12,7 +12,7 @@ from PIL import Image
 from bundle.data import ImageCache, SAGANTrainingDataset
 from bundle.engines import SAGANTrainer, attach_handlers
 from bundle.handlers import AtomicCheckpointSaver, latest_checkpoint
-from bundle.networks import PatchDiscriminator, SAGANGenerator
+from bundle.networks import SAGANCritic, SAGANGenerator
 from bundle.transforms import BadImageError, ForeignPatchInterpolationd, LoadGrayscaleImaged
 
 
@@ -24,7 +24,7 @@ def in_memory(n, seed):
 def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
     set_determinism(seed=0)
     g = SAGANGenerator(conv_dim=4, num_res_blocks=1)
-    d = PatchDiscriminator(conv_dim=4, num_layers=4)
+    d = SAGANCritic(conv_dim=4, num_layers=4)
     g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     ds = SAGANTrainingDataset(
         in_memory(8, 0),
@@ -32,14 +32,23 @@ def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
         ForeignPatchInterpolationd(keys="normal"),
     )
     loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
-    trainer = SAGANTrainer("cpu", max_epochs, loader, g, d, g_opt, d_opt, epoch_length=epoch_length)
+    trainer = SAGANTrainer(
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=loader,
+        g_network=g,
+        g_optimizer=g_opt,
+        d_network=d,
+        d_optimizer=d_opt,
+        epoch_length=epoch_length,
+    )
     return trainer
 
 
 def checkpoint_dict(t):
     return {
-        "generator": t.generator,
-        "discriminator": t.discriminator,
+        "generator": t.g_network,
+        "discriminator": t.d_network,
         "g_optimizer": t.g_optimizer,
         "d_optimizer": t.d_optimizer,
         "trainer": t,
@@ -51,11 +60,11 @@ def test_critic_every_iteration_generator_every_second():
     steps = {"d": [], "g": []}
     trainer.d_optimizer.register_step_post_hook(lambda *a: steps["d"].append(trainer.state.iteration))
     trainer.g_optimizer.register_step_post_hook(lambda *a: steps["g"].append(trainer.state.iteration))
-    g_before = [p.detach().clone() for p in trainer.generator.parameters()]
+    g_before = [p.detach().clone() for p in trainer.g_network.parameters()]
     trainer.run()
     assert steps["d"] == [1, 2, 3, 4, 5, 6]
     assert steps["g"] == [2, 4, 6]
-    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.g_network.parameters()))
     out = trainer.state.output
     assert {"d_loss", "d_real", "d_fake", "gp", "g_loss", "g_adv", "g_identity", "g_restoration"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
@@ -136,4 +145,5 @@ def test_file_going_bad_during_run(tmp_path, caplog, mode):
             trainer.run()
         assert trainer.state.iteration == 6
         assert any("u3.png" in r.getMessage() for r in caplog.records)
+        assert trainer.data_loader.dataset.n_skipped >= 1  # counted; the pair was drawn anew, not a neighbour
         assert os.path.isfile(ckpt / "checkpoint_final.pt")

@@ -7,12 +7,13 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..visualize import restoration_grid
+from ..visualize import save_extremes
 
 __all__ = ["EvaluationReportHandler", "roc_curve", "precision_recall_curve"]
 
@@ -43,10 +44,16 @@ class EvaluationReportHandler:
     """Collects (file, label, score, image, restored) from a decollated evaluator and, when it completes, writes
     into ``output_dir``: ``metrics.json`` (the evaluator's metrics, e.g. AUC and AP), ``scores.csv``,
     ``roc.png``, ``pr.png`` and ``extremes.png`` (the ``top_k`` highest- and lowest-scoring images with their
-    restored images and heat maps). It also prints the metrics.
+    restored images and heat maps, each titled with its score and true label; false alarms and misses at
+    ``threshold`` in red: :func:`bundle.visualize.save_extremes`). It also prints the metrics.
 
     With the model's operating ``threshold`` (``abnormal = score > threshold``) the report adds ``sensitivity``
     and ``specificity`` at that threshold.
+
+    ``metrics.json`` also says which listed images were not scored: ``n_skipped`` and ``skipped``
+    (``[{"file", "label", "reason"}, ...]``): the bad images that the evaluator's data set (``ImageCache`` with
+    ``on_bad_image="skip"``) left out, and any other listed image missing from the scores. An image scored more
+    often than it is listed (a bad image replaced by another) stops the report with an error.
     """
 
     def __init__(
@@ -74,6 +81,33 @@ class EvaluationReportHandler:
             self.images.append(torch.as_tensor(item["image"]).detach().cpu())
             self.restored.append(torch.as_tensor(item["pred"]).detach().cpu())
 
+    def _skipped(self, engine: Engine) -> list[dict]:
+        """The images listed by the evaluator's data set that were not scored, with the reason when known.
+
+        Raises:
+            ValueError: an image was scored more often than it is listed."""
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        skipped = [
+            {"file": s["file"], "label": s.get("label"), "reason": s["reason"]} for s in getattr(dataset, "skipped", [])
+        ]
+        known = {s["file"] for s in skipped}
+        unscored = Counter(r[0] for r in self.rows)
+        for item in getattr(dataset, "items", None) or []:
+            file = str(item.get("filename", item.get("image")))
+            if unscored[file] > 0:
+                unscored[file] -= 1
+            elif file not in known:  # skipped in a DataLoader worker process: its reason is in that worker's log
+                skipped.append({"file": file, "label": item.get("label"), "reason": "unreadable during the run"})
+                known.add(file)
+        if hasattr(dataset, "items"):
+            extra = [f for f, n in unscored.items() if n > 0]
+            if extra:
+                raise ValueError(
+                    f"{len(extra)} image(s) were scored more often than they are listed, e.g. {extra[0]}: the metrics "
+                    "would count them twice; was a bad image replaced by another one?"
+                )
+        return skipped
+
     def _write(self, engine: Engine) -> None:
         import matplotlib
 
@@ -90,6 +124,8 @@ class EvaluationReportHandler:
             metrics["specificity"] = float((~called)[labels == 0].mean())
         report = {**metrics, "n_normal": int((labels == 0).sum()), "n_abnormal": int((labels == 1).sum())}
         report["threshold"] = self.threshold
+        skipped = self._skipped(engine)
+        report.update(n_skipped=len(skipped), skipped=skipped)
         report.update(self.extra_info)
         with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=4)
@@ -113,10 +149,18 @@ class EvaluationReportHandler:
         k = min(self.top_k, len(order) // 2)
         picked = list(order[:k]) + list(order[::-1][:k])
         if picked:
-            grid = restoration_grid(
-                torch.stack([self.images[i] for i in picked]), torch.stack([self.restored[i] for i in picked])
+            save_extremes(
+                os.path.join(self.output_dir, "extremes.png"),
+                torch.stack([self.images[i] for i in picked]),
+                torch.stack([self.restored[i] for i in picked]),
+                scores[picked],
+                labels[picked],
+                self.threshold,
+                n_high=k,
             )
-            plt.imsave(os.path.join(self.output_dir, "extremes.png"), grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        logger.info(f"evaluation on {len(self.rows)} images: {summary}; outputs in {self.output_dir}")
-        print(f"RESULT {summary} ({len(self.rows)} images; {self.output_dir}/metrics.json)", flush=True)
+        left_out = f", {len(skipped)} bad images skipped (listed in metrics.json)" if skipped else ""
+        if skipped:
+            logger.warning(f"{len(skipped)} listed images were not scored: " + ", ".join(s["file"] for s in skipped))
+        logger.info(f"evaluation on {len(self.rows)} images{left_out}: {summary}; outputs in {self.output_dir}")
+        print(f"RESULT {summary} ({len(self.rows)} images{left_out}; {self.output_dir}/metrics.json)", flush=True)
