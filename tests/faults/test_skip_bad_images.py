@@ -138,9 +138,10 @@ def evaluate(dataset_dir, tmp_path, cache: bool, batch_size: int = 64, hook=None
 
 
 def auc_of(rows) -> float:
-    from sklearn.metrics import roc_auc_score
+    from monai.metrics import compute_roc_auc
 
-    return roc_auc_score([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    return float(compute_roc_auc(torch.tensor([float(r["score"]) for r in rows]), labels))
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
