@@ -109,3 +109,18 @@ def test_early_stop_is_wired_and_off_by_default():
     early = [h for h in parser.get("validate#handlers") if isinstance(h, dict) and h["_target_"] == "EarlyStopHandler"]
     assert len(early) == 1 and early[0]["trainer"] == "@train#trainer"
     assert parser.get_parsed_content("early_stop_patience") == 0 and parser.get_parsed_content("max_minutes") == 0
+
+
+@pytest.mark.parametrize("presets", [[], ["presets/fast.json"]])
+def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, tmp_path):
+    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator and fused Adam on."""
+    parser = config("train.json", *presets)
+    parser["dataset_dir"] = tiny_dataset
+    parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
+    trainer = parser.get_parsed_content("train#trainer")
+    on = bool(presets)
+    assert trainer.share_clean_patches is on and trainer.channels_last is on
+    conv = next(p for p in trainer.g_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) is on
+    for opt in (trainer.g_optimizer, trainer.d_optimizer):
+        assert bool(opt.defaults["fused"]) is on

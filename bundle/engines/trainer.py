@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..losses import critic_loss_terms, generator_loss_terms
+from ..networks.generator import split_patches, stitch_patches
 
 __all__ = ["SAGANPrepareBatch", "SAGANTrainer", "attach_handlers", "loss_terms", "epochs_for"]
 
@@ -48,6 +50,17 @@ def epochs_for(iterations: int, val_interval: int) -> int:
             + " (or change --val_interval)."
         )
     return iterations // val_interval
+
+
+class _FloatScores(nn.Module):
+    """Wraps the critic under autocast: its scores in float32, so that the losses are float32 sums."""
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.critic(x).float()
 
 
 class SAGANPrepareBatch(PrepareBatch):
@@ -89,6 +102,24 @@ class SAGANTrainer(Trainer):
     passes (only the random delta masks differ). ``engine.state.output`` holds every loss term as a detached
     scalar tensor; generator terms keep their last value on critic-only iterations.
 
+    Speed switches (all off by default; docs/performance.md has the measurements):
+
+    - ``share_clean_patches``: FPI(x_n) equals x_n outside the pasted patch, and G treats each of the N x N
+      patches as a sample of its own (instance norm per patch, position code per patch index), so a patch of
+      FPI(x_n) that the pasted patch does not touch gets exactly G's output for the same patch of x_n. Those
+      patches are not recomputed: about half of the x_p patches at 64x64 with N = 2. The method is unchanged;
+      the one difference is that such a patch's delta mask (paper, Eq. 1) is the one drawn for x_n, so the
+      identity and restoration terms see the same draw there instead of two independent ones. Needs a generator
+      with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`); other
+      generators run as without the switch (with a warning).
+    - ``channels_last``: the generator in channels-last memory layout (faster convolutions with oneDNN on CPU, and
+      the layout cuDNN prefers on GPU; results equal up to float rounding). The critic stays NCHW (its maps are at
+      most 32x32 and its time goes to its large weights, where the layout gains nothing).
+    - ``autocast_dtype``: ``"bfloat16"`` runs the forward passes under ``torch.autocast`` on the engine's
+      device (meant for GPUs: results are no longer float32 results; the losses are summed in float32).
+    - ``compile_generator``: ``torch.compile`` the generator (compilation takes minutes at the first
+      iterations; compiled code draws the delta masks from another random stream than eager code).
+
     Events: MONAI's ``IterationEvents`` (FORWARD_COMPLETED after the generator pass, LOSS/BACKWARD_COMPLETED for
     the critic step, MODEL_COMPLETED at the end) and, as in MONAI's ``AdversarialTrainer``, the
     ``AdversarialIterationEvents`` of both steps (GENERATOR_FORWARD_COMPLETED, DISCRIMINATOR_LOSS_COMPLETED,
@@ -105,6 +136,7 @@ class SAGANTrainer(Trainer):
             ``seed + iteration``, so that it does not replay the random draws of the run's start.
         prepare_batch: batch -> ``(x_n, x_u or None, x_p)`` on the device.
         train_handlers: MONAI / ignite handlers to attach.
+        share_clean_patches, channels_last, autocast_dtype, compile_generator: speed switches, see above.
     """
 
     def __init__(
@@ -126,6 +158,10 @@ class SAGANTrainer(Trainer):
         prepare_batch: Callable | None = None,
         iteration_update: Callable | None = None,
         train_handlers: Sequence | None = None,
+        share_clean_patches: bool = False,
+        channels_last: bool = False,
+        autocast_dtype: str | None = None,
+        compile_generator: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -140,6 +176,18 @@ class SAGANTrainer(Trainer):
         )
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
+        for name, flag in (
+            ("share_clean_patches", share_clean_patches),
+            ("channels_last", channels_last),
+            ("compile_generator", compile_generator),
+        ):
+            if not isinstance(flag, bool):  # e.g. the string "false" from a command line, which would be truthy
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        if autocast_dtype not in (None, "bfloat16"):
+            raise ValueError(
+                f"autocast_dtype must be None or 'bfloat16', got {autocast_dtype!r} (float16 would need loss scaling "
+                "for both optimisers and the gradient penalty)."
+            )
         self.register_events(*AdversarialIterationEvents)
         self.g_network = g_network
         self.d_network = d_network
@@ -155,6 +203,27 @@ class SAGANTrainer(Trainer):
         # EPOCH_STARTED comes after STARTED, where a CheckpointLoader restores the iteration count
         self.add_event_handler(Events.EPOCH_STARTED, self._reseed_if_resumed)
 
+        self.share_clean_patches = share_clean_patches
+        if share_clean_patches and not all(hasattr(g_network, a) for a in ("forward_patches", "patches_per_side")):
+            self.logger.warning(
+                f"share_clean_patches: {type(g_network).__name__} has no forward_patches / patches_per_side; "
+                "every FPI(x_n) image goes through the generator."
+            )
+            self.share_clean_patches = False
+        self.channels_last = channels_last
+        if channels_last:  # the critic's maps are small and its time goes to its large weights: it stays NCHW
+            g_network.to(memory_format=torch.channels_last)
+        # a resumed optimiser state keeps the layout it was saved in; fused optimisers need the parameters' one
+        self._states_aligned = False
+        self.add_event_handler(Events.EPOCH_STARTED, self._align_optimizer_states)
+        self.autocast_dtype = autocast_dtype
+        self._g_forward: Callable = g_network
+        self._g_patches: Callable | None = getattr(g_network, "forward_patches", None)
+        if compile_generator:
+            self._g_forward = torch.compile(g_network)
+            if self._g_patches is not None:  # the number of FPI patches computed changes from batch to batch
+                self._g_patches = torch.compile(self._g_patches, dynamic=True)
+
     def _reseed_if_resumed(self, engine: SAGANTrainer) -> None:
         if engine._seeded_run or engine.seed is None:
             return
@@ -165,6 +234,53 @@ class SAGANTrainer(Trainer):
             set_rnd(engine.data_loader.dataset, seed)
             engine.logger.info(f"resumed at iteration {engine.state.iteration}: random streams reseeded with {seed}")
 
+    def _align_optimizer_states(self, engine: SAGANTrainer) -> None:
+        """Once per run, after a CheckpointLoader: give every optimiser state tensor the memory layout of its
+        parameter. PyTorch's fused Adam walks both as flat memory, so a state restored from a checkpoint saved in
+        the other layout (``channels_last`` switched between runs) would be read in the wrong order."""
+        if engine._states_aligned:
+            return
+        engine._states_aligned = True
+        for opt in (engine.g_optimizer, engine.d_optimizer):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                            state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    def _autocast(self, device: torch.device | str | None) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = torch.device(device).type if device is not None else "cpu"
+        return torch.autocast(device_type, dtype=getattr(torch, self.autocast_dtype))
+
+    def _generator_pass(
+        self, x_n: torch.Tensor, x_u: torch.Tensor | None, x_p: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G(x_u) (or G(x_p) without unlabeled images: the critic's fake), G(x_n) and G(x_p), with the graph for
+        the generator step; each (B, C, H, W)."""
+        b = x_n.shape[0]
+        has_unlabeled = x_u is not None
+        if not self.share_clean_patches:
+            restored = self._g_forward(torch.cat([x_u, x_n, x_p]) if has_unlabeled else torch.cat([x_n, x_p]))
+            fake = restored[:b] if has_unlabeled else restored[b:]
+            g_n, g_p = (restored[b : 2 * b], restored[2 * b :]) if has_unlabeled else (restored[:b], restored[b:])
+            return fake, g_n, g_p
+        n = self.g_network.patches_per_side
+        k = n * n
+        p_n, p_p = split_patches(x_n, n), split_patches(x_p, n)
+        touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)  # patches the pasted patch reaches
+        every = torch.arange(b * k, device=x_n.device) % k
+        parts, positions = [p_n, p_p[touched]], [every, touched % k]
+        if has_unlabeled:
+            parts, positions = [split_patches(x_u, n)] + parts, [every] + positions
+        out = self._g_patches(torch.cat(parts), torch.cat(positions))
+        r_u, r_n, r_touched = out.split([b * k if has_unlabeled else 0, b * k, len(touched)])
+        r_p = r_n.index_copy(0, touched, r_touched)
+        g_n, g_p = stitch_patches(r_n, n), stitch_patches(r_p, n)
+        return (stitch_patches(r_u, n) if has_unlabeled else g_p), g_n, g_p
+
     def _iteration(self, engine: SAGANTrainer, batchdata: dict) -> dict[str, torch.Tensor]:
         if batchdata is None:
             raise ValueError("empty batch from the training data loader.")
@@ -174,20 +290,23 @@ class SAGANTrainer(Trainer):
         update_g = engine.state.iteration % engine.n_critic == 0
         g.train()
         d.train()
-        b = x_n.shape[0]
-
+        critic = d if engine.autocast_dtype is None else _FloatScores(d)
         if update_g:
-            restored = g(torch.cat([x_u, x_n, x_p]) if has_unlabeled else torch.cat([x_n, x_p]))
-            fake = restored[:b] if has_unlabeled else restored[b:]
-            g_n, g_p = (restored[b : 2 * b], restored[2 * b :]) if has_unlabeled else (restored[:b], restored[b:])
+            with engine._autocast(engine.state.device):
+                fake, g_n, g_p = engine._generator_pass(x_n, x_u, x_p)
         else:
-            with torch.no_grad():
-                fake = g(x_u if has_unlabeled else x_p)
+            with torch.no_grad(), engine._autocast(engine.state.device):
+                fake = engine._g_forward(x_u if has_unlabeled else x_p)
+        if engine.autocast_dtype is not None:  # the losses in float32
+            fake = fake.float()
+            if update_g:
+                g_n, g_p = g_n.float(), g_p.float()
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(AdversarialIterationEvents.GENERATOR_FORWARD_COMPLETED)
 
         engine.d_optimizer.zero_grad(set_to_none=True)
-        d_terms = critic_loss_terms(d, x_n, fake, engine.lambda_gp)
+        with engine._autocast(engine.state.device):
+            d_terms = critic_loss_terms(critic, x_n, fake, engine.lambda_gp)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.fire_event(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
         d_terms["d_loss"].backward()
@@ -200,7 +319,10 @@ class SAGANTrainer(Trainer):
             engine.g_optimizer.zero_grad(set_to_none=True)
             for p in d.parameters():
                 p.requires_grad_(False)
-            g_terms = generator_loss_terms(d, fake, x_n, g_n, g_p, engine.lambda_identity, engine.lambda_restoration)
+            with engine._autocast(engine.state.device):
+                g_terms = generator_loss_terms(
+                    critic, fake, x_n, g_n, g_p, engine.lambda_identity, engine.lambda_restoration
+                )
             engine.fire_event(AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
             g_terms["g_loss"].backward()
             engine.fire_event(AdversarialIterationEvents.GENERATOR_BACKWARD_COMPLETED)

@@ -8,6 +8,12 @@
 - Abnormal region restoration module, ARRM (paper, Sec. 2.3, Eqs. 8-9): attention gates filter the skip
   connections at each decoder level; the decoder outputs are upsampled, concatenated and fused into the
   additive map by multi-level feature fusion (paper, Sec. 2.3, last sentence; Fig. 2).
+
+Memory layout: the network runs in PyTorch's default (NCHW) layout, or channels-last after
+``generator.to(memory_format=torch.channels_last)``, which is faster on CPU with oneDNN (docs/performance.md) and is
+the layout cuDNN prefers on GPUs (not measured here). In channels-last, instance norm runs as a group norm with one
+channel per group (the same statistics, without the copy back to NCHW that ``instance_norm`` makes) and 1x1
+convolutions run as matrix products over the channels; the results agree with the NCHW ones up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from monai.networks.blocks import ADN
 from torch import nn
 
 from .blocks import IN_PLAIN, conv_block, up_block
@@ -26,8 +34,12 @@ __all__ = [
     "DecoderResidualBlock",
     "AttentionGate",
     "SAGANGenerator",
+    "LayoutAwareInstanceNorm2d",
+    "LayoutAwarePointwiseConv2d",
+    "NoPositionCode",
     "split_patches",
     "stitch_patches",
+    "is_channels_last",
 ]
 
 
@@ -52,6 +64,66 @@ def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
     return p.reshape(b, c, n * ph, n * pw)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last and not also NCHW-contiguous (one channel, or 1x1 maps, fit
+    both layouts: those count as NCHW)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (instance statistics, no running statistics) that keeps a channels-last input
+    channels-last: there it computes the same normalisation as ``F.group_norm`` with one channel per group
+    (``instance_norm`` would copy the input to NCHW and return NCHW). NCHW inputs take ``instance_norm`` itself.
+    Same parameters and state dict as ``nn.InstanceNorm2d``; (B, C, H, W) -> (B, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(x) and not self.track_running_stats:
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return F.instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class LayoutAwarePointwiseConv2d(nn.Conv2d):
+    """A 1x1, stride-1 ``nn.Conv2d`` that runs on a channels-last input as one matrix product over the channels
+    (``F.linear`` on the (B, H, W, C) view, no copy); NCHW inputs take the ordinary convolution. Same parameters
+    and state dict as ``nn.Conv2d``; (B, Cin, H, W) -> (B, Cout, H, W), channels-last in, channels-last out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(x):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def _use_faster_layers(module: nn.Module) -> None:
+    """Give every InstanceNorm2d (without running statistics) and every plain 1x1 Conv2d under ``module`` the
+    layout-aware ``forward`` above, and make every ReLU that follows a norm in-place (the norm's output feeds only
+    the ReLU, and a norm's backward needs its input, not its output: one activation less kept per layer). Only the
+    class or the ``inplace`` flag changes: parameters, state-dict keys and the random draws of the initialisation
+    are untouched, and NCHW inputs get the values they got before, bit for bit."""
+    for m in module.modules():
+        if type(m) is nn.InstanceNorm2d and not m.track_running_stats:
+            m.__class__ = LayoutAwareInstanceNorm2d
+        elif (
+            type(m) is nn.Conv2d
+            and m.kernel_size == (1, 1)
+            and m.stride == (1, 1)
+            and m.padding == (0, 0)
+            and m.dilation == (1, 1)
+            and m.groups == 1
+        ):
+            m.__class__ = LayoutAwarePointwiseConv2d
+        elif isinstance(m, ADN) and list(m._modules) == ["N", "A"] and type(m.A) is nn.ReLU:
+            m.A.inplace = True
+
+
 class PositionalConditionEncoding(nn.Module):
     """Binary position code of each patch, broadcast as constant feature maps (the ACM's input, paper, Sec. 2.2).
 
@@ -59,7 +131,8 @@ class PositionalConditionEncoding(nn.Module):
     gets the binary digits of ``k``, most significant bit first (n = 2: 3 bits, patch 0 = [0, 0, 0], as in the
     paper). The paper writes the width as ceil(log2(N x N) + 1), the same number when N is a power of 2 (for
     other N it is one bit more). ``forward`` takes features (B*n*n, C, h, w) ordered as :func:`split_patches`
-    makes them and returns (B*n*n, C + bits, h, w).
+    makes them and returns (B*n*n, C + bits, h, w); ``positions`` ((P,) integer tensor, each patch's index k in
+    [0, n*n)) gives the patches' positions when they are not whole images in that order.
     """
 
     def __init__(self, patches_per_side: int) -> None:
@@ -70,23 +143,52 @@ class PositionalConditionEncoding(nn.Module):
         codes = torch.tensor([[(k >> (self.num_bits - 1 - i)) & 1 for i in range(self.num_bits)] for k in range(num)])
         self.register_buffer("codes", codes.float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def codes_for(self, num: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The (num, bits) codes of ``num`` patches: image-major order, or those of ``positions``."""
+        if positions is None:
+            return self.codes.repeat(num // self.num_patches, 1)
+        return self.codes[positions]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         bp, _, h, w = x.shape
-        code = self.codes.to(x.dtype).repeat(bp // self.num_patches, 1)  # (B*n*n, bits), image-major
+        code = self.codes_for(bp, positions).to(x.dtype)
         return torch.cat([x, code[:, :, None, None].expand(bp, self.num_bits, h, w)], dim=1)
 
 
 class PositionBlock(nn.Module):
     """ACM block (paper, Sec. 2.2): concatenate the position code, then 1x1 conv (bias) -> IN (no affine) -> ReLU
-    back to C channels: (B*n*n, C, h, w) -> (B*n*n, C, h, w)."""
+    back to C channels: (B*n*n, C, h, w) -> (B*n*n, C, h, w); ``positions`` as for
+    :class:`PositionalConditionEncoding`.
+
+    On a channels-last input the concatenation is not materialised: the code is constant over the patch, so its
+    part of the 1x1 conv is one vector per patch, added to the conv of the features (the same sum, reordered).
+
+    Note: for the same reason the instance norm that follows (it subtracts each channel's mean over the patch)
+    removes the code's contribution, and the conv's bias, again up to float rounding: as specified, the block's
+    output does not depend on the patch position (docs/performance.md, "Findings").
+    """
 
     def __init__(self, channels: int, encoding: PositionalConditionEncoding) -> None:
         super().__init__()
         self.encoding = encoding
         self.fuse = conv_block(channels + encoding.num_bits, channels, 1, bias=True, norm=IN_PLAIN)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.encoding(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if is_channels_last(x):
+            c = x.shape[1]
+            weight = self.fuse.conv.weight.flatten(1)  # (C, C + bits)
+            code = self.encoding.codes_for(x.shape[0], positions).to(x.dtype)
+            per_patch = F.linear(code, weight[:, c:], self.fuse.conv.bias)  # (P, C)
+            y = F.linear(x.permute(0, 2, 3, 1), weight[:, :c]) + per_patch[:, None, None, :]
+            return self.fuse.adn(y.permute(0, 3, 1, 2))
+        return self.fuse(self.encoding(x, positions))
+
+
+class NoPositionCode(nn.Module):
+    """Stands where a :class:`PositionBlock` would be when the ACM is off: returns its input unchanged."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return x
 
 
 class ResidualBlock(nn.Module):
@@ -148,6 +250,9 @@ class SAGANGenerator(nn.Module):
 
     ``forward`` takes (B, C, H, W) in [-1, 1], H and W divisible by 8*N, and returns the restored image, same
     shape, in (-1, 1). Train mode draws a new delta mask at every call; eval mode is deterministic.
+    :meth:`forward_patches` does the same for patches that are already cut (every patch is a sample of its own:
+    instance norm per patch, position code per patch index), which lets a caller leave out patches whose result
+    it already has.
 
     ``hparams`` holds the constructor arguments (a JSON-able dict). The module scripts with ``torch.jit.script``;
     without attention gates ``gate1``..``gate3`` are ``None``.
@@ -190,7 +295,7 @@ class SAGANGenerator(nn.Module):
         self.encoding = enc
 
         def position_block(c: int) -> nn.Module:
-            return PositionBlock(c, enc) if position_code else nn.Identity()
+            return PositionBlock(c, enc) if position_code else NoPositionCode()
 
         # encoder
         self.stem = conv_block(in_channels, d1, 7)
@@ -211,13 +316,20 @@ class SAGANGenerator(nn.Module):
         self.fuse1 = nn.Sequential(up_block(d4, d2), up_block(d2, d1))
         self.fuse2 = up_block(d2, d1)
         self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), conv_block(d1, in_channels, 7, norm=None, act=None))
+        _use_faster_layers(self)
 
-    def additive_map(self, p: torch.Tensor) -> torch.Tensor:
-        """The additive map I(x) (paper, Eq. 1) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w), unbounded."""
+    def additive_map(self, p: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive map I(x) (paper, Eq. 1) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w), unbounded.
+        ``positions``: see :meth:`forward_patches`."""
         y0 = self.stem(p)
-        y1 = self.down1(y0)
-        y2 = self.down2(y1)
-        emb = self.bottleneck(self.down3(y2))
+        if is_channels_last(self.down3.conv.weight):
+            y0 = y0.contiguous(memory_format=torch.channels_last)  # the one-channel stem cannot tell the layout
+        y1 = self.down1[1](self.down1[0](y0), positions)
+        y2 = self.down2[1](self.down2[0](y1), positions)
+        emb = self.bottleneck[0](self.down3(y2), positions)
+        for i, block in enumerate(self.bottleneck):
+            if i > 0:  # 0 is the position block, run above with the positions
+                emb = block(emb)
         # without gates the plain skips are concatenated
         s1, s2, s3 = emb, y2, y1
         if self.gate1 is not None:
@@ -231,14 +343,24 @@ class SAGANGenerator(nn.Module):
         out3 = self.dec3(torch.cat([out2, s3], dim=1))
         return self.head(torch.cat([self.fuse1(out1), self.fuse2(out2), out3], dim=1))
 
+    def forward_patches(self, p: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """G on patches: (P, C, h, w) in [-1, 1] -> restored patches, same shape, in (-1, 1) (delta gating in
+        train mode, as :meth:`forward`).
+
+        ``positions`` ((P,) integer tensor): each patch's index k in [0, N*N) (row-major, as
+        :func:`split_patches` orders them), for its position code; ``None`` means whole images in
+        :func:`split_patches` order (P a multiple of N*N). The result for a patch depends only on that patch and
+        its position, so ``forward(x) == stitch_patches(forward_patches(split_patches(x, N)), N)`` in eval mode.
+        """
+        m = self.additive_map(p, positions)
+        if self.training and self.keep_prob < 1.0:
+            delta = torch.rand_like(m) < self.keep_prob
+            m = torch.where(delta, m, p)
+        return torch.tanh(m + p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.patches_per_side
         h, w = x.shape[-2:]
         if h % (8 * n) or w % (8 * n):
             raise ValueError(f"image size {h}x{w} must be divisible by 8*N = {8 * n}.")
-        p = split_patches(x, n)
-        m = self.additive_map(p)
-        if self.training and self.keep_prob < 1.0:
-            delta = torch.rand_like(m) < self.keep_prob
-            m = torch.where(delta, m, p)
-        return stitch_patches(torch.tanh(m + p), n)
+        return stitch_patches(self.forward_patches(split_patches(x, n)), n)
