@@ -168,11 +168,7 @@ def load_medad_datalist(dataset_dir: str, check_files: bool = True) -> MedADData
 
 
 def select_unlabeled(
-    datalist: MedADDatalist,
-    anomaly_ratio: float = 0.6,
-    size: int | None = None,
-    seed: int = 0,
-    order: str = "random",
+    datalist: MedADDatalist, anomaly_ratio: float = 0.6, size: int | None = None, seed: int = 0, order: str = "random"
 ) -> list[str]:
     """The unlabeled training set T_u: ``floor(anomaly_ratio * size)`` files from ``unlabeled/1`` and the rest
     from ``unlabeled/0``. ``order="random"`` draws each without replacement with ``seed``; ``"first"`` takes the

@@ -49,6 +49,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
         "position_code": True,
         "attention_gates": True,
         "keep_prob": 0.95,
+        "position_code_after_norm": False,
     },
     "image_size": 64,
     "slice_index": None,

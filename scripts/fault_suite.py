@@ -341,20 +341,19 @@ def determinism(work: str, data: str, iterations: int, seed: int) -> dict:
 
 
 def bad_inputs(work: str, heavy: bool) -> list[dict]:
-    """Every case of tests/faults/bad_inputs.py; heavy ones in a child process limited to 6 GiB of address space."""
-    import bundle.transforms.io as io
+    """Every case of tests/faults/bad_inputs.py; heavy ones are written here and read in a child process limited to
+    6 GiB of address space, whose peak resident memory (VmHWM: ru_maxrss would include this process's) is reported."""
     from tests.faults.bad_inputs import cases, run_case
 
     rows = []
     for i, case in enumerate(cases()):
         if case.heavy and not heavy:
             continue
-        pending = bool(case.needs) and not hasattr(io, case.needs)
         folder = os.path.join(work, "inputs", f"{i:02d}")
         shutil.rmtree(folder, ignore_errors=True)
         if not case.heavy:
             outcome, detail = run_case(case, folder)
-            rows.append({"name": case.name, "outcome": outcome, "detail": detail, "peak_mb": None, "pending": pending})
+            rows.append({"name": case.name, "outcome": outcome, "detail": detail, "peak_mb": None})
             continue
         os.makedirs(folder, exist_ok=True)
         path = case.make(folder)  # here, so that the child's peak memory is the reading alone
@@ -363,7 +362,8 @@ def bad_inputs(work: str, heavy: bool) -> list[dict]:
             f"resource.setrlimit(resource.RLIMIT_AS, ({6 * 2**30}, {6 * 2**30})); sys.path.insert(0, {ROOT!r});"
             "from tests.faults.bad_inputs import cases, run_case;"
             f"o, d = run_case(cases()[{i}], {folder!r}, {path!r});"
-            "print('RESULT', json.dumps([o, d, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]))"
+            "peak = [int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+            "print('RESULT', json.dumps([o, d, peak]))"
         )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -372,7 +372,7 @@ def bad_inputs(work: str, heavy: bool) -> list[dict]:
         else:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             outcome, detail, peak = "crashed", f"exit {proc.returncode}: {tail[:200]}", None
-        rows.append({"name": case.name, "outcome": outcome, "detail": detail, "peak_mb": peak, "pending": pending})
+        rows.append({"name": case.name, "outcome": outcome, "detail": detail, "peak_mb": peak})
         shutil.rmtree(folder, ignore_errors=True)
     return rows
 
@@ -395,7 +395,7 @@ def checkpoint_fault_tests() -> list[dict]:
                 if child.tag in ("failure", "error"):
                     outcome = "FAILED"
                 elif child.tag == "skipped":
-                    outcome = "xfail (pending change)" if "xfail" in (child.get("type") or "") else "skipped"
+                    outcome = "xfail" if "xfail" in (child.get("type") or "") else "skipped"
             rows.append({"name": case.get("name"), "outcome": outcome})
         return rows
 
@@ -445,15 +445,11 @@ def report(results: dict, args: argparse.Namespace, command: str) -> str:
                 [[len(rows), counts["refused"], counts["accepted"], counts["crashed"], counts["silent"]]],
             )
         )
-        pending = sum(r["pending"] and r["outcome"] in ("crashed", "silent") for r in rows)
-        if pending:
-            out.append(f"\n{pending} of the crashed / silently wrong rows are cases that wait for the proposed "
-                       "`bundle/transforms/io.py` change (marked below).")  # fmt: skip
         out.append("")
         out.append(
             md_table(
                 ["input", "outcome", "message / check", "peak RSS MB"],
-                [[r["name"], r["outcome"] + (" (pending change)" if r["pending"] else ""), r["detail"][:160],
+                [[r["name"], r["outcome"], r["detail"][:160],
                   r["peak_mb"] or "-"] for r in rows],  # fmt: skip
             )
         )
@@ -563,7 +559,7 @@ def main() -> int:
         if "inputs" in parts:
             results["inputs"] = bad_inputs(work, heavy=not args.quick)
             failed += [f"bad input {r['name']}: {r['outcome']}" for r in results["inputs"] if r["outcome"] in
-                       ("crashed", "silent") and not r["pending"]]  # fmt: skip
+                       ("crashed", "silent")]  # fmt: skip
         if "checkpoint_faults" in parts:
             results["checkpoint_faults"] = checkpoint_fault_tests()
             failed += [f"checkpoint test {r['name']}" for r in results["checkpoint_faults"] if r["outcome"] == "FAILED"]

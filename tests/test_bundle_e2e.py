@@ -99,7 +99,7 @@ def test_training_writes_checkpoints_and_tensorboard(trained):
 def test_resume_continues(trained):
     out, common, _ = trained
     log = bundle_run("training", *TRAIN, *common, "--iterations", "6", "--resume", "True")
-    assert "Restored all variables from" in log and "random streams reseeded with 4" in log
+    assert "Restored all variables from" in log and "resumed at iteration 4: random states restored" in log
     assert torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 6
 
 

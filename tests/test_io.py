@@ -45,11 +45,13 @@ def test_png_8bit_grey_and_rgb(tmp_path):
 
 
 def test_palette_png_maps_through_its_palette(tmp_path):
-    img = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    block = np.ones((4, 4), dtype=np.uint8)  # 8 x 8: bundle.transforms.io.MIN_SIDE
+    img = Image.fromarray(np.kron(np.array([[0, 1], [1, 0]], dtype=np.uint8), block), mode="P")
     img.putpalette([200, 200, 200, 10, 10, 10] + [0, 0, 0] * 254)
     img.save(tmp_path / "p.png")
     x = load_grayscale(str(tmp_path / "p.png"))
-    assert torch.allclose(x[0], torch.tensor([[200.0, 10.0], [10.0, 200.0]]) / 255)
+    expected = np.kron(np.array([[200.0, 10.0], [10.0, 200.0]]), block) / 255
+    assert torch.allclose(x[0], torch.as_tensor(expected, dtype=torch.float32))
 
 
 def test_png_16bit_is_min_max_scaled(tmp_path):

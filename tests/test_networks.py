@@ -14,6 +14,7 @@ from bundle.networks import (
     InstanceNormPerImage,
     PatchDiscriminator,
     PositionalConditionEncoding,
+    PositionBlock,
     SAGANCritic,
     SAGANGenerator,
     split_patches,
@@ -240,3 +241,19 @@ def test_instance_norm_per_image_matches_torch():
     plain = nn.InstanceNorm2d(5, affine=True)
     plain.load_state_dict({"weight": ours.weight, "bias": ours.bias})
     torch.testing.assert_close(ours.eval()(x), plain.eval()(x))
+
+
+@pytest.mark.parametrize("after_norm", [False, True])
+def test_position_code_reaches_the_output_only_after_the_norm(after_norm):
+    """As published, each position block's instance norm subtracts the code's (patch-constant) contribution again,
+    so four identical patches give four identical outputs; with ``position_code_after_norm`` they differ."""
+    torch.manual_seed(0)
+    g = SAGANGenerator(conv_dim=8, num_res_blocks=1, position_code_after_norm=after_norm).eval()
+    with torch.no_grad():
+        for block in (m for m in g.modules() if isinstance(m, PositionBlock)):
+            block.fuse.conv.weight[:, -g.encoding.num_bits :] *= 10  # a code the network has learnt to use
+        patch = torch.rand(1, 1, 32, 32) * 2 - 1
+        y = g(patch.repeat(1, 1, 2, 2))
+    spread = (y[..., :32, :32] - y[..., 32:, 32:]).abs().max().item()
+    assert (spread > 0.01) if after_norm else (spread < 1e-3), spread
+    assert g.hparams.get("position_code_after_norm", False) is after_norm

@@ -1,1 +1,2 @@
+from .resumable import ResumablePassSampler, random_states, set_random_states
 from .trainer import SAGANPrepareBatch, SAGANTrainer, attach_handlers, epochs_for, loss_terms

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
+from .resumable import ResumablePassSampler, random_states, set_random_states
 
 __all__ = ["SAGANPrepareBatch", "SAGANTrainer", "attach_handlers", "loss_terms", "epochs_for"]
 
@@ -30,10 +31,14 @@ def loss_terms(output: dict) -> dict[str, float]:
 
 def attach_handlers(engine: Trainer, handlers: Sequence) -> None:
     """Attach handlers after the engine exists: checkpoint handlers save the trainer itself, which a config
-    cannot reference while building the trainer's own handler list."""
+    cannot reference while building the trainer's own handler list. Then the data loader's
+    :class:`ResumablePassSampler` resume hook (after a CheckpointLoader's, which restores the iteration)."""
     for handler in handlers:
         if handler is not None:
             handler.attach(engine)
+    sampler = getattr(getattr(engine, "data_loader", None), "sampler", None)
+    if isinstance(sampler, ResumablePassSampler):
+        sampler.attach(engine)
 
 
 def epochs_for(iterations: int, val_interval: int) -> int:
@@ -132,8 +137,11 @@ class SAGANTrainer(Trainer):
         g_network, g_optimizer, d_network, d_optimizer: generator and critic with their optimisers.
         n_critic: critic steps per generator step.
         lambda_gp, lambda_identity, lambda_restoration: loss weights.
-        seed: with a seed, a resumed run reseeds torch, numpy and the data set's random state with
-            ``seed + iteration``, so that it does not replay the random draws of the run's start.
+        seed: with a seed, a resumed run whose checkpoint holds no random states (older checkpoints) reseeds
+            torch, numpy and the data set's random state with ``seed + iteration``, so that it does not replay the
+            random draws of the run's start. The trainer's ``state_dict`` holds every random state (torch, numpy,
+            Python, the data set's), and a resumed run restores them: with the data loader's
+            :class:`bundle.engines.ResumablePassSampler` it continues exactly as the uninterrupted run.
         prepare_batch: batch -> ``(x_n, x_u or None, x_p)`` on the device.
         train_handlers: MONAI / ignite handlers to attach.
         share_clean_patches, channels_last, autocast_dtype, compile_generator: speed switches, see above.
@@ -200,6 +208,7 @@ class SAGANTrainer(Trainer):
         self._last_g_terms: dict[str, torch.Tensor] = {k: torch.tensor(float("nan")) for k in G_TERMS}
         self.seed = seed
         self._seeded_run = False
+        self._restored_random_states = False
         # EPOCH_STARTED comes after STARTED, where a CheckpointLoader restores the iteration count
         self.add_event_handler(Events.EPOCH_STARTED, self._reseed_if_resumed)
 
@@ -224,8 +233,25 @@ class SAGANTrainer(Trainer):
             if self._g_patches is not None:  # the number of FPI patches computed changes from batch to batch
                 self._g_patches = torch.compile(self._g_patches, dynamic=True)
 
+    def state_dict(self) -> dict:
+        """The engine's state and every random state of the run (see ``seed``)."""
+        state = super().state_dict()
+        state["random_states"] = random_states(getattr(self.data_loader, "dataset", None))
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        states = state_dict.pop("random_states", None)
+        super().load_state_dict(state_dict)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if states is not None and not (distributed and torch.distributed.get_world_size() > 1):
+            # (with several processes only rank 0's states are saved: the ranks keep their reseeded streams)
+            set_random_states(states, getattr(self.data_loader, "dataset", None))
+            self._restored_random_states = True
+            self.logger.info(f"resumed at iteration {self.state.iteration}: random states restored from the checkpoint")
+
     def _reseed_if_resumed(self, engine: SAGANTrainer) -> None:
-        if engine._seeded_run or engine.seed is None:
+        if engine._seeded_run or engine.seed is None or engine._restored_random_states:
             return
         engine._seeded_run = True
         if engine.state.iteration > 0:

@@ -3,28 +3,79 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
-from collections.abc import Mapping
+import stat
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "resume_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "CheckpointWriteError", "latest_checkpoint", "resume_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+# a checkpoint being written: never matched by latest_checkpoint's "checkpoint*.pt", removed if a kill left it
+PARTIAL_PREFIX = ".partial-"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, read-only folder, ...); the previous one is kept."""
 
 
 class _AtomicDiskSaver(DiskSaver):
     """ignite DiskSaver with ``atomic=True`` (temporary file, then ``os.replace``) and an optional fixed name.
 
     With a fixed name the old file is never deleted before the new one is in place: the rename replaces it.
+    The temporary file is ``.partial-*.pt`` in the same folder, flushed to the disk before the rename (so that the
+    rename never exposes a file whose data is not on the disk yet, even after a power cut); partial files that a
+    killed run left behind are removed when the saver is created. A failed write raises
+    :class:`CheckpointWriteError` naming the file.
     """
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        for stale in glob.glob(os.path.join(dirname, PARTIAL_PREFIX + "*.pt")):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+                logger.info(f"removed {stale}, a checkpoint whose writing was interrupted")
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        name = self.filename or filename
+        try:
+            super().__call__(checkpoint, name, metadata)
+        except OSError as e:
+            path = os.path.join(self.dirname, name)
+            raise CheckpointWriteError(
+                e.errno,
+                f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept (free some space "
+                "or choose a writable --ckpt_dir, then resume)",
+            ) from e
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable, rank: int = 0) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".pt", dir=self.dirname)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+        with contextlib.suppress(OSError):  # the rename itself on the disk (not possible on every file system)
+            dir_fd = os.open(self.dirname, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

@@ -129,7 +129,8 @@ class EvaluationReportHandler:
         report.update(self.extra_info)
         with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=4)
-        with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="") as f:
+        # a file name that is not UTF-8 (surrogate-escaped by Python) is written as \udcXX instead of failing
+        with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="", errors="backslashreplace") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "label", "score"])
             writer.writerows(self.rows)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from ignite.engine import Engine
@@ -22,6 +23,7 @@ class GeneratorLoader(CheckpointLoader):
 
     Raises:
         FileNotFoundError: no model at ``load_path``.
+        ValueError: the file holds pickled code (refused, never run).
         CheckpointMismatchError: the weights do not fit ``network``.
     """
 
@@ -34,6 +36,12 @@ class GeneratorLoader(CheckpointLoader):
             raise FileNotFoundError(f"{self.load_path}: no trained model there; train one or pass --model_path.")
         try:
             super().__call__(engine)
+        except pickle.UnpicklingError as e:  # weights_only=True met pickled code: never run it
+            raise ValueError(
+                f"{self.load_path}: refused: it holds pickled Python objects besides tensors and plain values "
+                "(torch.load(weights_only=True)); load checkpoints only from sources you trust. "
+                + str(e).splitlines()[0]
+            ) from e
         except RuntimeError as e:
             if "state_dict" not in str(e):
                 raise

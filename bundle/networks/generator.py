@@ -165,15 +165,25 @@ class PositionBlock(nn.Module):
 
     Note: for the same reason the instance norm that follows (it subtracts each channel's mean over the patch)
     removes the code's contribution, and the conv's bias, again up to float rounding: as specified, the block's
-    output does not depend on the patch position (docs/performance.md, "Findings").
+    output does not depend on the patch position (docs/performance.md, "Findings"). With ``after_norm=True`` (a
+    documented deviation, off in the paper preset) the code's part of the 1x1 conv and the bias are added after the
+    instance norm, before the ReLU, so that the position reaches the output; same parameters and state dict.
     """
 
-    def __init__(self, channels: int, encoding: PositionalConditionEncoding) -> None:
+    def __init__(self, channels: int, encoding: PositionalConditionEncoding, after_norm: bool = False) -> None:
         super().__init__()
         self.encoding = encoding
+        self.after_norm = after_norm
         self.fuse = conv_block(channels + encoding.num_bits, channels, 1, bias=True, norm=IN_PLAIN)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.after_norm:
+            c = x.shape[1]
+            weight = self.fuse.conv.weight
+            code = self.encoding.codes_for(x.shape[0], positions).to(x.dtype)
+            per_patch = F.linear(code, weight[:, c:, 0, 0], self.fuse.conv.bias)  # (P, C)
+            y = self.fuse.adn.N(F.conv2d(x, weight[:, :c])) + per_patch[:, :, None, None]
+            return self.fuse.adn.A(y)
         if is_channels_last(x):
             c = x.shape[1]
             weight = self.fuse.conv.weight.flatten(1)  # (C, C + bits)
@@ -247,6 +257,8 @@ class SAGANGenerator(nn.Module):
         attention_gates: use the abnormal region restoration module; off = the plain skip is concatenated.
         keep_prob: probability p of the delta mask keeping the additive map in train mode (paper, Sec. 2.1,
             Eq. 1; 1.0 = no gating).
+        position_code_after_norm: deviation (off = as published): add the position code's part of each position
+            block after its instance norm, where it is not cancelled (:class:`PositionBlock`).
 
     ``forward`` takes (B, C, H, W) in [-1, 1], H and W divisible by 8*N, and returns the restored image, same
     shape, in (-1, 1). Train mode draws a new delta mask at every call; eval mode is deterministic.
@@ -270,6 +282,7 @@ class SAGANGenerator(nn.Module):
         position_code: bool = True,
         attention_gates: bool = True,
         keep_prob: float = 0.95,
+        position_code_after_norm: bool = False,
     ) -> None:
         super().__init__()
         self.hparams = {
@@ -281,9 +294,15 @@ class SAGANGenerator(nn.Module):
             "attention_gates": attention_gates,
             "keep_prob": keep_prob,
         }
+        if position_code_after_norm:  # recorded only when on: models saved before the switch keep their settings
+            self.hparams["position_code_after_norm"] = True
         if not 0.0 < keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}.")
-        for name, flag in (("position_code", position_code), ("attention_gates", attention_gates)):
+        for name, flag in (
+            ("position_code", position_code),
+            ("attention_gates", attention_gates),
+            ("position_code_after_norm", position_code_after_norm),
+        ):
             if not isinstance(flag, bool):  # e.g. the string "false" from a command line, which would be truthy
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
         self.patches_per_side = patches_per_side
@@ -295,7 +314,7 @@ class SAGANGenerator(nn.Module):
         self.encoding = enc
 
         def position_block(c: int) -> nn.Module:
-            return PositionBlock(c, enc) if position_code else NoPositionCode()
+            return PositionBlock(c, enc, position_code_after_norm) if position_code else NoPositionCode()
 
         # encoder
         self.stem = conv_block(in_channels, d1, 7)

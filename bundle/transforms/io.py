@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -12,20 +14,76 @@ from monai.data import MetaTensor, PILReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform
 from PIL import Image
 
-__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale"]
+__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale", "header_size", "printable_name"]
+
+# Above this many pixels in its 2D plane an image is refused before its pixels are decoded: 50 M pixels are 200 MB
+# as float32 (7071 x 7071; radiographs and mammograms have at most about 30 M). The model sees 64 x 64. A volume
+# (3D NIfTI, multi-frame DICOM) is read whole and may hold up to 8 * MAX_PIXELS voxels (a 512^3 CT has 134 M).
+MAX_PIXELS = 50_000_000
+# Below this many pixels on a side an image is refused: it cannot hold anatomy (the model input is 64 x 64).
+MIN_SIDE = 8
 
 # ITU-R 601-2 luma, the weights of PIL's convert("L") used by the authors' pipeline
 _LUMA = (0.299, 0.587, 0.114)
 _PHOTOMETRIC_TAG = "00280004"
 
 
+def printable_name(name: str) -> str:
+    """``name`` as printable UTF-8: bytes of a non-UTF-8 file name (surrogate-escaped by Python) become ``\\udcXX``."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class BadImageError(ValueError):
-    """An input image that cannot be used; the message names the file and what is wrong."""
+    """An input image that cannot be used; the message names the file and what is wrong.
+
+    ``filename`` is the path as given (usable to open the file); the message shows it printable
+    (:func:`printable_name`)."""
 
     def __init__(self, filename: str, problem: str) -> None:
-        super().__init__(f"{filename}: {problem}")
+        super().__init__(f"{printable_name(filename)}: {printable_name(problem)}")
         self.filename = filename
         self.problem = problem
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason: MONAI's "cannot find a suitable reader" carries every reader's traceback; keep the last
+    line of each (``SomeError: what``)."""
+    text = str(error)
+    causes = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    if "Traceback" in text and causes:
+        return "; ".join(dict.fromkeys(f"{kind.rsplit('.', 1)[-1]}: {what}" for kind, what in causes))
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def header_size(filename: str) -> tuple[int, ...] | None:
+    """The image size from the file header alone, pixels not decoded, 2D plane first: (rows, columns) of PNG/JPEG/BMP
+    (PIL), (rows, columns[, frames]) of DICOM (pydicom), the array shape of NIfTI (nibabel; slices along the last
+    axis); None when no header reader recognises the file (the full readers then decide).
+
+    Raises:
+        BadImageError: PIL refuses the size as a decompression bomb."""
+    try:
+        with Image.open(filename) as image:
+            return tuple(image.size[::-1])
+    except Image.DecompressionBombError as e:
+        raise BadImageError(filename, f"too many pixels ({e})") from e
+    except Exception:
+        pass
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(filename, stop_before_pixels=True)
+        if "Rows" in ds and "Columns" in ds:
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            return (int(ds.Rows), int(ds.Columns)) + ((frames,) if frames > 1 else ())
+    except Exception:
+        pass
+    try:
+        import nibabel
+
+        return tuple(int(s) for s in nibabel.load(filename).shape)
+    except Exception:
+        return None
 
 
 def _palette_to_grey(image: Image.Image) -> Image.Image:
@@ -52,16 +110,32 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
     is inverted so that bright means dense. Colour images become grey with the ITU-R 601-2 luma weights.
     A 3D volume is refused unless ``slice_index`` picks a slice along its last axis.
 
+    Images with more than ``MAX_PIXELS`` pixels (by their header, before decoding) or fewer than ``MIN_SIDE`` pixels
+    on a side are refused.
+
     Raises:
-        BadImageError: missing, unreadable or corrupt file, not 2D, unsupported channel count, NaN/inf values.
+        BadImageError: missing file, not a regular file, unreadable or corrupt file, too large or too small, not 2D,
+            unsupported channel count, NaN/inf values.
     """
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
-        raise BadImageError(filename, "file not found")
+        if not os.path.lexists(filename):
+            raise BadImageError(filename, "file not found")
+        if os.path.islink(filename) and not os.path.exists(filename):
+            raise BadImageError(filename, "broken symbolic link (its target is missing, or the link loops)")
+        raise BadImageError(filename, "not a regular file (a folder, device or pipe)")
+    size = header_size(filename)
+    if size is not None and (math.prod(size[:2]) > MAX_PIXELS or math.prod(size) > 8 * MAX_PIXELS):
+        plane = math.prod(size[:2])
+        raise BadImageError(
+            filename,
+            f"{' x '.join(map(str, size))} pixels ({plane:,} per image), more than the limit of {MAX_PIXELS:,} per "
+            f"image and {8 * MAX_PIXELS:,} per volume (bundle.transforms.io.MAX_PIXELS); downscale it first",
+        )
     try:
         img = (loader or _loader())(filename)
     except Exception as e:  # every reader raises its own error type; the user needs the file and the reason
-        raise BadImageError(filename, f"cannot read image ({type(e).__name__}: {e})") from e
+        raise BadImageError(filename, f"cannot read image ({_reason(e)})") from e
     spatial = tuple(img.shape[1:])
     if len(spatial) == 3:
         if spatial[-1] == 1:
@@ -77,6 +151,10 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
             )
     elif len(spatial) != 2:
         raise BadImageError(filename, f"has {len(spatial)} spatial dimensions {spatial}; a 2D image is needed")
+    if min(img.shape[1:]) < MIN_SIDE:
+        raise BadImageError(
+            filename, f"is {' x '.join(map(str, img.shape[1:]))} pixels, too small (at least {MIN_SIDE} on each side)"
+        )
     source_dtype = img.dtype
     img = img.float()
     channels = img.shape[0]

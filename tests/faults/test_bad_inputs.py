@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-import bundle.transforms.io as io
-
 from .bad_inputs import cases, run_case
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def params():
-    out = []
-    for case in cases():
-        if case.heavy:
-            continue
-        marks = []
-        if case.needs and not hasattr(io, case.needs):
-            reason = f"needs bundle.transforms.io.{case.needs} (the size / name change proposed in docs/reliability.md)"
-            marks.append(pytest.mark.xfail(reason=reason, strict=True))
-        out.append(pytest.param(case, id=case.name, marks=marks))
-    return out
+    return [pytest.param(case, id=case.name) for case in cases() if not case.heavy]
 
 
 @pytest.mark.parametrize("case", params())

@@ -13,17 +13,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-import bundle.handlers.checkpoint as checkpoint_module
 from bundle.handlers import AtomicCheckpointSaver, GeneratorLoader, latest_checkpoint
 from bundle.networks import SAGANGenerator
 from bundle.settings import load_model_settings
-
-CLEAR_WRITE_ERRORS = hasattr(checkpoint_module, "CheckpointWriteError")
-needs_clear_write_errors = pytest.mark.xfail(
-    not CLEAR_WRITE_ERRORS,
-    reason="needs CheckpointWriteError (checkpoint.py change in docs/reliability.md)",
-    strict=True,
-)
 
 
 def training_like_engine(tmp_path, net):
@@ -80,7 +72,6 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     assert_previous_is_latest_and_loads(tmp_path, 2)
 
 
-@needs_clear_write_errors
 def test_disk_full_message_names_the_checkpoint(tmp_path, monkeypatch):
     engine = training_like_engine(tmp_path, torch.nn.Linear(2, 1))
     fail_writes_from(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
