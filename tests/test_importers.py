@@ -4,7 +4,6 @@ with realistic tags (MONOCHROME1/2, 12 bits stored in 16, rescale slope/intercep
 the CSVs in the formats of RSNA and VinDr-CXR."""
 
 import csv
-import io
 import json
 import os
 
@@ -12,65 +11,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    BasicTextSRStorage,
-    ComputedRadiographyImageStorage,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    generate_uid,
-)
+from pydicom.uid import BasicTextSRStorage
 
 from bundle.data import load_medad_datalist, select_unlabeled
 from bundle.importers import ImporterError, Record, import_drawn, main, read_vindr
 from bundle.transforms.io import load_grayscale
 
+from .dicom_files import make_dicom
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 QUIET = {"log": lambda message: None}
-
-
-def make_dicom(
-    path,
-    pixels=None,
-    photometric="MONOCHROME2",
-    modality="CR",
-    slope=None,
-    intercept=None,
-    jpeg=False,
-    sop_class=ComputedRadiographyImageStorage,
-):
-    """A DICOM file as scanners write them: 12 bits stored in 16 (or JPEG baseline 8-bit, as RSNA's); ``pixels``
-    None gives an image object without pixel data; ``sop_class`` BasicTextSRStorage a structured report."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID = os.path.basename(str(path)).split(".")[0]
-    if modality is not None:
-        ds.Modality = modality
-    if sop_class != BasicTextSRStorage:
-        ds.Rows, ds.Columns = (40, 48) if pixels is None else pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
-        if slope is not None:
-            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        if jpeg:
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        else:
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        if pixels is not None and jpeg:
-            buf = io.BytesIO()
-            Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=95)
-            ds.PixelData = encapsulate([buf.getvalue()])
-            ds["PixelData"].VR = "OB"
-        elif pixels is not None:
-            ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(path)
 
 
 def pixels(seed, top=4095, shape=(40, 48)):

@@ -32,8 +32,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from ..dicom_files import make_dicom
 
 OUTCOMES = ("refused", "accepted", "crashed", "silent")
 
@@ -69,19 +69,7 @@ def _jpeg(path: str, array: np.ndarray) -> str:
 
 
 def _dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> str:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return make_dicom(path, pixels, photometric)
 
 
 def _nifti(path: str, array: np.ndarray) -> str:
