@@ -126,6 +126,9 @@ def selection_rows(
     """
     run_dir = run_dir_of(out_root, dataset, variant, preset, seed)
     models = os.path.join(run_dir, "models")
+    if not os.path.isfile(os.path.join(models, "model.pt")):
+        print(f"no finished run in {run_dir}: nothing to score", file=sys.stderr)
+        return []
     rows = []
     for criterion, model_file in (
         ("val_auc", "model.pt"),
@@ -246,7 +249,9 @@ def reference_rows(data_root: str, dataset: str) -> list[dict]:  # data_root rel
     return rows
 
 
-def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS, log_machine: bool = True) -> None:
+    """Appends ``rows`` (with a header for a new file) and, with ``log_machine``, each row's machine to
+    ``<csv>_runs.jsonl``."""
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     new = not os.path.isfile(csv_path)
     with open(csv_path, "a", newline="") as f:
@@ -254,7 +259,7 @@ def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS) -
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    if columns is not COLUMNS:
+    if not log_machine:
         return
     with open(os.path.splitext(csv_path)[0] + "_runs.jsonl", "a") as f:
         for row in rows:
@@ -340,7 +345,11 @@ def main(argv: list[str] | None = None) -> None:
                     append_rows(args.csv, [row])
                     print(json.dumps(row), flush=True)
                 rows = selection_rows(data_root, dataset, variant, args.preset, seed, args.out_root, schedule)
-                append_rows(selection_csv, rows, SELECTION_COLUMNS)
+                if os.path.isfile(selection_csv):  # --selection_only again: no duplicate rows
+                    with open(selection_csv) as f:
+                        done = {(r["command"], r["selection"]) for r in csv.DictReader(f)}
+                    rows = [r for r in rows if (r["command"], r["selection"]) not in done]
+                append_rows(selection_csv, rows, SELECTION_COLUMNS, log_machine=False)
                 print("\n".join(json.dumps(r) for r in rows), flush=True)
     if args.report:
         report(args.csv, os.path.join(ROOT, "docs", "results.md"))

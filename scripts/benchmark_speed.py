@@ -61,6 +61,8 @@ sys.path.insert(0, ROOT)
 from bundle.engines import SAGANTrainer  # noqa: E402
 from bundle.losses import gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
+from bundle.networks.critic import OnePixelConv2d  # noqa: E402
+from bundle.networks.generator import LayoutAwareInstanceNorm2d, LayoutAwarePointwiseConv2d  # noqa: E402
 from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
@@ -193,9 +195,9 @@ def plain_layers(net: torch.nn.Module) -> torch.nn.Module:
     one-pixel conv) back into plain ``nn.Conv2d`` / ``nn.InstanceNorm2d`` / ``nn.ReLU``: the layers the authors'
     code (and the engine before this work) ran. Parameters are untouched."""
     for m in net.modules():
-        if isinstance(m, torch.nn.InstanceNorm2d) and type(m).__name__ in ("LayoutAwareInstanceNorm2d",):
+        if isinstance(m, LayoutAwareInstanceNorm2d):
             m.__class__ = torch.nn.InstanceNorm2d
-        elif isinstance(m, torch.nn.Conv2d) and type(m).__name__ in ("LayoutAwarePointwiseConv2d", "OnePixelConv2d"):
+        elif isinstance(m, (LayoutAwarePointwiseConv2d, OnePixelConv2d)):
             m.__class__ = torch.nn.Conv2d
         elif isinstance(m, torch.nn.ReLU):
             m.inplace = False

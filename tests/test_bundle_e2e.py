@@ -134,7 +134,8 @@ def test_evaluating_writes_report(trained, tiny_dataset):
 
 
 def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
-    from .test_io import ramp, write_dicom
+    from .dicom_files import make_dicom
+    from .test_io import ramp
 
     out, _, _ = trained
     inputs = tmp_path / "inputs"
@@ -143,7 +144,7 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     nib.save(
         nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz"
     )
-    write_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
+    make_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
     # a one-slice volume (X, Y, 1) in the same batch as 2D images
     nib.save(nib.Nifti1Image(np.random.rand(70, 90, 1).astype(np.float32), np.eye(4)), inputs / "slab.nii.gz")
     bundle_run(

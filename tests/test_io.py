@@ -11,10 +11,6 @@ from .dicom_files import make_dicom
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None):
-    return make_dicom(path, pixels, photometric, slope=slope, intercept=intercept)
-
-
 def ramp(h=40, w=30, top=4095):
     return (np.arange(h * w).reshape(h, w) * top // (h * w - 1)).astype(np.uint16)
 
@@ -48,8 +44,8 @@ def test_png_16bit_is_min_max_scaled(tmp_path):
 
 def test_dicom_monochrome1_inverted_and_rescaled(tmp_path):
     px = ramp()
-    m2 = load_grayscale(write_dicom(tmp_path / "m2.dcm", px, slope=2.0, intercept=-100.0))
-    m1 = load_grayscale(write_dicom(tmp_path / "m1.dcm", px, photometric="MONOCHROME1", slope=2.0, intercept=-100.0))
+    m2 = load_grayscale(make_dicom(tmp_path / "m2.dcm", px, slope=2.0, intercept=-100.0))
+    m1 = load_grayscale(make_dicom(tmp_path / "m1.dcm", px, photometric="MONOCHROME1", slope=2.0, intercept=-100.0))
     assert m2.shape == (1, 30, 40) and m2.min() == 0 and m2.max() == 1
     assert torch.allclose(m1, 1 - m2)
     # pixel (row 0, col 0) is the darkest in MONOCHROME2, the brightest after inverting MONOCHROME1

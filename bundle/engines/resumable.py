@@ -127,5 +127,6 @@ def set_random_states(states: dict, dataset=None) -> None:
     for name, obj in _randomizables(dataset).items():
         if name in states["data"]:
             obj.R.set_state(_numpy_tuple(states["data"][name]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # a run saved with more GPUs than visible here: the first ones
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)

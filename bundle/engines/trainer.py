@@ -58,7 +58,8 @@ def epochs_for(iterations: int, val_interval: int) -> int:
 
 
 class _FloatScores(nn.Module):
-    """Wraps the critic under autocast: its scores in float32, so that the losses are float32 sums."""
+    """Wraps the critic under autocast: (B, C, H, W) -> its score map in float32, so that the losses are float32
+    sums."""
 
     def __init__(self, critic: nn.Module) -> None:
         super().__init__()
@@ -215,13 +216,14 @@ class SAGANTrainer(Trainer):
         self.share_clean_patches = share_clean_patches
         if share_clean_patches and not all(hasattr(g_network, a) for a in ("forward_patches", "patches_per_side")):
             self.logger.warning(
-                f"share_clean_patches: {type(g_network).__name__} has no forward_patches / patches_per_side; "
-                "every FPI(x_n) image goes through the generator."
+                f"share_clean_patches: {type(g_network).__name__} has no forward_patches / patches_per_side (a "
+                "DistributedDataParallel wrapper has none: patches outside its forward would skip its gradient "
+                "synchronisation); every FPI(x_n) image goes through the generator."
             )
             self.share_clean_patches = False
         self.channels_last = channels_last
         if channels_last:  # the critic's maps are small and its time goes to its large weights: it stays NCHW
-            g_network.to(memory_format=torch.channels_last)
+            g_network.to(memory_format=torch.channels_last)  # no-op when the config placed it so (before DDP)
         # a resumed optimiser state keeps the layout it was saved in; fused optimisers need the parameters' one
         self._states_aligned = False
         self.add_event_handler(Events.EPOCH_STARTED, self._align_optimizer_states)

@@ -57,7 +57,7 @@ class _AtomicDiskSaver(DiskSaver):
                 "or choose a writable --ckpt_dir, then resume)",
             ) from e
 
-    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable, rank: int = 0) -> None:
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".pt", dir=self.dirname)
         try:
             with os.fdopen(fd, "wb") as f:

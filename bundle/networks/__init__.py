@@ -12,6 +12,7 @@ from .generator import (
     PositionBlock,
     ResidualBlock,
     SAGANGenerator,
+    place_network,
     split_patches,
     stitch_patches,
 )

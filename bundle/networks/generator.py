@@ -40,6 +40,7 @@ __all__ = [
     "split_patches",
     "stitch_patches",
     "is_channels_last",
+    "place_network",
 ]
 
 
@@ -62,6 +63,13 @@ def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
     b = bp // (n * n)
     p = p.reshape(b, n, n, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
     return p.reshape(b, c, n * ph, n * pw)
+
+
+def place_network(network: nn.Module, device: torch.device | str, channels_last: bool = False) -> nn.Module:
+    """``network`` on ``device``, in channels-last memory layout if asked. Done before a DistributedDataParallel
+    wrapper is built, whose gradient buckets keep the parameters' layout at construction."""
+    network = network.to(device)
+    return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -195,7 +203,7 @@ class PositionBlock(nn.Module):
 
 
 class NoPositionCode(nn.Module):
-    """Stands where a :class:`PositionBlock` would be when the ACM is off: returns its input unchanged."""
+    """Stands where a :class:`PositionBlock` would be when the ACM is off: (P, C, h, w) -> the same tensor."""
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return x

@@ -73,7 +73,7 @@ def header_size(filename: str) -> tuple[int, ...] | None:
     try:
         import pydicom
 
-        ds = pydicom.dcmread(filename, stop_before_pixels=True)
+        ds = pydicom.dcmread(filename, stop_before_pixels=True, force=True)  # also files without the preamble
         if "Rows" in ds and "Columns" in ds:
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             return (int(ds.Rows), int(ds.Columns)) + ((frames,) if frames > 1 else ())
