@@ -54,3 +54,10 @@ def test_row_reproduces_from_its_command(tiny_dataset, tmp_path):
     assert set(selection) == {"val_auc", "last"}  # no pseudo-AUC hold-out in this variant
     assert selection["val_auc"]["test_auc"] == row["test_auc"]
     assert (run_dir / "eval_test_model_last" / "metrics.json").is_file()
+
+    md = tmp_path / "results.md"
+    benchmark.report(str(first), str(md))
+    text = md.read_text()
+    assert f"#### {name}" in text and "| sagan | demo | 0 | " in text
+    by_val, last = float(selection["val_auc"]["test_auc"]), float(selection["last"]["test_auc"])
+    assert f"| sagan | demo | 0 | {by_val:.3f} | - | {last:.3f} |" in text
