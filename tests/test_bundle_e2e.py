@@ -145,8 +145,6 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
         nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz"
     )
     make_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
-    # a one-slice volume (X, Y, 1) in the same batch as 2D images
-    nib.save(nib.Nifti1Image(np.random.rand(70, 90, 1).astype(np.float32), np.eye(4)), inputs / "slab.nii.gz")
     bundle_run(
         "inferring",
         *INFER,
@@ -164,12 +162,11 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
         "scan_heatmap.nii.gz",
         "xray_heatmap.png",
         "xray_heatmap.nii.gz",
-        "slab_heatmap.nii.gz",
         "scores.csv",
     } <= set(produced)
     assert "chest_heatmap.nii.gz" not in produced
     rows = list(csv.reader(open(out / "infer" / "scores.csv")))
-    assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "slab.nii.gz", "xray.dcm"]
+    assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "xray.dcm"]
     threshold = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]["threshold"]
     assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
     heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")

@@ -8,7 +8,6 @@ import os
 import re
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, PILReader, PydicomReader
@@ -150,8 +149,6 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
                 filename,
                 f"is a 3D volume of shape {spatial}; SAGAN works on 2D images: set slice_index to use one slice",
             )
-        if isinstance(img, MetaTensor):  # the plane's shape, so that it collates with 2D images' metadata
-            img.meta["spatial_shape"] = np.asarray(img.shape[1:])
     elif len(spatial) != 2:
         raise BadImageError(filename, f"has {len(spatial)} spatial dimensions {spatial}; a 2D image is needed")
     if min(img.shape[1:]) < MIN_SIDE:
