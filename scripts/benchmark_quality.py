@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "no_unlabeled": ([], {"unlabeled_size": "0"}),
     **{f"ar{r}": ([], {"anomaly_ratio": r}) for r in ("0", "0.2", "0.4", "0.8")},
     "sagan_fast": (["configs/presets/fast.json"], {}),  # not an ablation: SAGAN with the speed switches
+    "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU)
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }
@@ -156,6 +157,14 @@ def selection_rows(
     return rows
 
 
+def iterations_done(run_dir: str) -> int:
+    """Iterations a run stopped by ``max_minutes`` trained, from the trainer state of its final checkpoint."""
+    final = os.path.join(run_dir, "models", "checkpoint_final.pt")
+    import torch
+
+    return int(torch.load(final, map_location="cpu", weights_only=False)["trainer"]["iteration"])
+
+
 def train_and_evaluate(
     data_root: str, dataset: str, variant: str, preset: str, seed: int, out_root: str, schedule: dict | None = None
 ) -> dict:
@@ -193,7 +202,7 @@ def train_and_evaluate(
         "test_auc": round(metrics["test"]["auc"], 4),
         "test_ap": round(metrics["test"]["ap"], 4),
         "train_minutes": round(minutes, 1),
-        "iterations": int(parser.get("iterations")),
+        "iterations": iterations_done(run_dir) if "max_minutes" in overrides else int(parser.get("iterations")),
         "command": command,
     }
 
@@ -270,8 +279,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
 
 
-def selection_table(selection_csv: str, dataset: str) -> list[str]:
-    """Test AUC of the generator each criterion chose, mean +- sd per (variant, preset), from results_selection.csv."""
+def schedule_of(row: dict) -> str:
+    """The options of a row's command after its seed (``--iterations 2400 --val_interval 50``...), '' for none."""
+    return row["command"].split(f"--seeds {row['seed']}", 1)[-1].strip() if row["seed"] else ""
+
+
+def selection_table(selection_csv: str, dataset: str, machines: dict[str, str] | None = None) -> list[str]:
+    """Test AUC of the generator each criterion chose, mean +- sd per (variant, preset, schedule, machine), from
+    results_selection.csv; ``machines``: command -> machine, from results_runs.jsonl."""
     if not os.path.isfile(selection_csv):
         return []
     with open(selection_csv) as f:
@@ -280,17 +295,21 @@ def selection_table(selection_csv: str, dataset: str) -> list[str]:
         return []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["variant"], row["preset"])].append(row)
+        machine = (machines or {}).get(row["command"], "?")
+        groups[(row["variant"], row["preset"], schedule_of(row), machine)].append(row)
     lines = [
         "Test AUC of the generator chosen by each criterion (`docs/results_selection.csv`):",
         "",
-        "| variant | preset | seeds | by val AUC | by pseudo-AUC (no labels) | last |",
-        "|---|---|---|---|---|---|",
+        "| variant | preset | schedule | seeds | by val AUC | by pseudo-AUC (no labels) | last | machine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, preset), group in sorted(groups.items()):
+    for (variant, preset, schedule, machine), group in sorted(groups.items()):
         seeds = ",".join(sorted({r["seed"] for r in group}))
         by = {c: mean_sd([float(r["test_auc"]) for r in group if r["selection"] == c]) for c in SELECTIONS}
-        lines.append(f"| {variant} | {preset} | {seeds} | {by['val_auc']} | {by['pseudo_auc']} | {by['last']} |")
+        lines.append(
+            f"| {variant} | {preset} | {schedule or '-'} | {seeds} | {by['val_auc']} | {by['pseudo_auc']} | "
+            f"{by['last']} | {machine} |"
+        )
     return lines + [""]
 
 
@@ -306,17 +325,18 @@ def report(csv_path: str, md_path: str) -> None:
             entry = json.loads(line)
             machines[entry["command"]] = entry["gpu"] or entry["cpu"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["dataset"], row["variant"], row["preset"])].append(row)
+    for row in rows:  # runs on other machines or schedules are never averaged together
+        machine = machines.get(row["command"], "?")
+        groups[(row["dataset"], row["variant"], row["preset"], schedule_of(row), machine)].append(row)
     lines = [MARK_BEGIN, ""]
     for dataset in sorted({k[0] for k in groups}):
         lines += [
             f"#### {dataset}",
             "",
-            "| variant | preset | seeds | val AUC | test AUC | test AP | min/run | machine |",
+            "| variant | preset | schedule | seeds | val AUC | test AUC | test AP | iterations | min/run | machine |",
         ]
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for (d, variant, preset), group in sorted(groups.items()):
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for (d, variant, preset, schedule, machine), group in sorted(groups.items()):
             if d != dataset:
                 continue
 
@@ -324,13 +344,13 @@ def report(csv_path: str, md_path: str) -> None:
                 return mean_sd([float(r[key]) for r in group if r[key] not in ("", None)])
 
             seeds = ",".join(r["seed"] for r in group if r["seed"]) or "-"
-            where = sorted({machines.get(r["command"], "?") for r in group})
+            iterations = ",".join(sorted({r["iterations"] for r in group if r["iterations"]})) or "-"
             lines.append(
-                f"| {variant} | {preset} | {seeds} | {stat('val_auc')} | {stat('test_auc')} | {stat('test_ap')} | "
-                f"{stat('train_minutes')} | {'; '.join(where)} |"
+                f"| {variant} | {preset} | {schedule or '-'} | {seeds} | {stat('val_auc')} | {stat('test_auc')} | "
+                f"{stat('test_ap')} | {iterations} | {stat('train_minutes')} | {machine} |"
             )
         lines.append("")
-        lines += selection_table(os.path.join(os.path.dirname(csv_path), "results_selection.csv"), dataset)
+        lines += selection_table(os.path.join(os.path.dirname(csv_path), "results_selection.csv"), dataset, machines)
     lines.append(MARK_END)
     text = open(md_path).read() if os.path.isfile(md_path) else ""
     if MARK_BEGIN in text:
@@ -358,8 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--iterations", type=int, help="override the preset's iterations (recorded in the command)")
     parser.add_argument("--val_interval", type=int, help="override the preset's val_interval (with --iterations)")
+    parser.add_argument("--max_minutes", type=float, help="wall-clock budget of each training run (recorded)")
+    parser.add_argument("--num_workers", type=int, help="data loader workers (recorded; GPU runs)")
     args = parser.parse_args(argv)
-    schedule = {k: str(v) for k, v in (("iterations", args.iterations), ("val_interval", args.val_interval)) if v}
+    schedule = {
+        k: str(getattr(args, k))
+        for k in ("iterations", "val_interval", "max_minutes", "num_workers")
+        if getattr(args, k) is not None
+    }
     selection_csv = os.path.join(os.path.dirname(args.csv), "results_selection.csv")
     data_root = os.path.relpath(os.path.abspath(args.data_root), ROOT)
     for dataset in args.datasets:

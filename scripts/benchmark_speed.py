@@ -67,7 +67,8 @@ from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
 DEVICE = torch.device("cpu")  # --device
-EXTRA_LOOPS = ("fast_plain_critic",)  # ablation: "fast" with the critic's plain convolutions
+# "fast" with the critic's plain convolutions (an ablation); "fast" under bf16 autocast, and compiled (GPU switches)
+EXTRA_LOOPS = ("fast_plain_critic", "fast_bf16", "fast_bf16_compiled")
 
 
 def load() -> float:
@@ -81,10 +82,10 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def matmul_gflops(size: int = 2048, reps: int = 3) -> float:
-    """float32 matmul rate of the device now (best of ``reps``), GFLOP/s (8192 x 8192 on a GPU)."""
+def matmul_gflops(size: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul rate of the device now (best of ``reps``), GFLOP/s (8192 x 8192 on a GPU)."""
     size = 8192 if DEVICE.type == "cuda" else size
-    a, b = torch.randn(size, size, device=DEVICE), torch.randn(size, size, device=DEVICE)
+    a, b = (torch.randn(size, size, device=DEVICE, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -167,7 +168,10 @@ class AuthorsLoop:
 class EngineLoop:
     """``SAGANTrainer._iteration`` driven directly (no data loader, no handlers)."""
 
-    def __init__(self, g: torch.nn.Module, d: torch.nn.Module, settings: dict, fast: bool) -> None:
+    def __init__(
+        self, g: torch.nn.Module, d: torch.nn.Module, settings: dict, fast: bool, bf16: bool = False,
+        compiled: bool = False,
+    ) -> None:  # fmt: skip
         opt_kw = {"fused": True} if fast else {}
         betas = tuple(settings["betas"])
         self.trainer = SAGANTrainer(
@@ -183,6 +187,8 @@ class EngineLoop:
             lambda_gp=settings["lambda_gp"],
             share_clean_patches=fast,
             channels_last=fast,
+            autocast_dtype="bfloat16" if bf16 else None,
+            compile_generator=compiled,
         )
 
     def iteration(self, it: int, batch: dict[str, torch.Tensor]) -> None:
@@ -210,9 +216,14 @@ def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict
     g, d = g.to(DEVICE), d.to(DEVICE)
     if name in ("authors", "engine"):
         g = plain_layers(g)
-    if name != "fast":
+    if name in ("authors", "engine", "fast_plain_critic"):
         d = plain_layers(d)
-    loop = AuthorsLoop(g, d, settings) if name == "authors" else EngineLoop(g, d, settings, fast=name != "engine")
+    if name == "authors":
+        loop = AuthorsLoop(g, d, settings)
+    else:
+        loop = EngineLoop(
+            g, d, settings, fast=name != "engine", bf16="bf16" in name, compiled=name.endswith("compiled")
+        )
     return loop.iteration, settings, g
 
 
@@ -259,17 +270,24 @@ def time_training(args: argparse.Namespace) -> dict:
         print(f"warm-up {name}: {clock() - t:.1f} s, load {load():.1f}", flush=True)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     rates, loads = [], []
+    bf16_rates = []
     for r in range(args.repeats):
         rates.append(matmul_gflops())
+        if DEVICE.type == "cuda":
+            bf16_rates.append(matmul_gflops(dtype=torch.bfloat16))
         loads.append(load())
         for name, step in loops.items():
-            t0 = clock()
-            step(2 * r + 3, data[0])  # critic-only iteration
-            t1 = clock()
-            step(2 * r + 4, data[1])  # generator iteration
-            times[name].append((t1 - t0, clock() - t1))
+            critic_s = generator_s = 0.0
+            for i in range(args.iters):  # critic-only iteration, then generator iteration
+                it = 2 * (r * args.iters + i) + 3
+                t0 = clock()
+                step(it, data[0])
+                t1 = clock()
+                step(it + 1, data[1])
+                critic_s, generator_s = critic_s + t1 - t0, generator_s + clock() - t1
+            times[name].append((critic_s / args.iters, generator_s / args.iters))
             print(
-                f"repeat {r + 1} {name}: critic-only {t1 - t0:.2f} s, generator {times[name][-1][1]:.2f} s, "
+                f"repeat {r + 1} {name}: critic-only {times[name][-1][0]:.4f} s, generator {times[name][-1][1]:.4f} s, "
                 f"load {load():.1f}",
                 flush=True,
             )
@@ -286,6 +304,8 @@ def time_training(args: argparse.Namespace) -> dict:
             "effective_gflops": eff,
             "effective_vs_matmul": eff / mm,
         }
+        if bf16_rates:
+            rows[name]["effective_vs_bf16_matmul"] = eff / statistics.median(bf16_rates)
     if "authors" in rows:
         for row in rows.values():
             row["time_vs_authors"] = row["s_per_iteration"] / rows["authors"]["s_per_iteration"]
@@ -297,6 +317,7 @@ def time_training(args: argparse.Namespace) -> dict:
         "authors_tflop_per_iteration": (flops_c + flops_g) / 2 / 1e12,
         "touched_patch_fraction": touched_fraction(data, n),
         "matmul_gflops": rates,
+        "bf16_matmul_gflops": bf16_rates,
         "load": loads + [load()],
         "loops": rows,
     }
@@ -407,20 +428,26 @@ def machine() -> dict:
 
 def print_tables(result: dict) -> None:
     if "loops" in result:
+        bf16 = result.get("bf16_matmul_gflops") or []
         print(
             f"\npreset {result['preset']}, batch {result['batch']}, {result['repeats']} repeats; authors' FLOPs "
             f"{result['authors_tflop_per_iteration']:.3f} TFLOP/iteration; matmul "
-            f"{', '.join(f'{r:.0f}' for r in result['matmul_gflops'])} GFLOP/s; load "
-            f"{', '.join(f'{v:.1f}' for v in result['load'])}; FPI patches computed by 'fast': "
+            f"{', '.join(f'{r:.0f}' for r in result['matmul_gflops'])} GFLOP/s"
+            + (f" (bf16: {', '.join(f'{r:.0f}' for r in bf16)})" if bf16 else "")
+            + f"; load {', '.join(f'{v:.1f}' for v in result['load'])}; FPI patches computed by 'fast': "
             f"{result['touched_patch_fraction']:.2f}"
         )
-        print("| loop | s / iteration | critic-only s | generator s | x authors' time | effective GFLOP/s | x matmul |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| loop | ms / iteration | critic-only ms | generator ms | x authors' time | effective GFLOP/s | x matmul |"
+            + (" x bf16 matmul |" if bf16 else "")
+        )
+        print("|---|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
         for name, r in result["loops"].items():
             print(
-                f"| {name} | {r['s_per_iteration']:.2f} | {r['critic_only_s']:.2f} | {r['generator_s']:.2f} | "
-                f"{r.get('time_vs_authors', float('nan')):.2f} | {r['effective_gflops']:.0f} | "
-                f"{r['effective_vs_matmul']:.2f} |"
+                f"| {name} | {1e3 * r['s_per_iteration']:.1f} | {1e3 * r['critic_only_s']:.1f} | "
+                f"{1e3 * r['generator_s']:.1f} | {r.get('time_vs_authors', float('nan')):.2f} | "
+                f"{r['effective_gflops']:.0f} | {r['effective_vs_matmul']:.2f} |"
+                + (f" {r['effective_vs_bf16_matmul']:.3f} |" if bf16 else "")
             )
     if "inference" in result:
         print(
@@ -449,6 +476,7 @@ def main() -> None:
     parser.add_argument("--preset", default="paper", help="configs/presets/<name>.json, or 'default' (train.json)")
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's batch_size (inference: 64)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=1, help="timed iteration pairs per repeat (GPU: 10 or more)")
     parser.add_argument("--warmup-batch", type=int, default=2, help="batch of the warm-up iterations (training)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (GPU: CUDA max allocated memory too)")
