@@ -262,7 +262,7 @@ def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS, l
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     new = not os.path.isfile(csv_path)
     with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         if new:
             writer.writeheader()
         writer.writerows(rows)
