@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -59,6 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bundle.engines import SAGANTrainer  # noqa: E402
+from bundle.environment import machine_info  # noqa: E402
 from bundle.losses import gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
 from bundle.networks.critic import OnePixelConv2d  # noqa: E402
@@ -413,19 +413,6 @@ def profile(args: argparse.Namespace) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=44))
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "cores": os.cpu_count()}
-    if DEVICE.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(DEVICE)
-    return info
-
-
 def print_tables(result: dict) -> None:
     if "loops" in result:
         bf16 = result.get("bf16_matmul_gflops") or []
@@ -498,7 +485,7 @@ def main() -> None:
     if args.profile:
         profile(args)
         return
-    info = machine()
+    info = machine_info(DEVICE)
     print(f"machine: {info}, load {load():.1f}", flush=True)
     if args.inference:
         result = time_inference(args)

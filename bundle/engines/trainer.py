@@ -15,6 +15,7 @@ from monai.utils import AdversarialIterationEvents, set_determinism
 from torch import nn
 from torch.optim import Optimizer
 
+from ..checks import require_bool
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
 from .resumable import ResumablePassSampler, random_states, set_random_states
@@ -185,13 +186,9 @@ class SAGANTrainer(Trainer):
         )
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
-        for name, flag in (
-            ("share_clean_patches", share_clean_patches),
-            ("channels_last", channels_last),
-            ("compile_generator", compile_generator),
-        ):
-            if not isinstance(flag, bool):  # e.g. the string "false" from a command line, which would be truthy
-                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        require_bool(
+            share_clean_patches=share_clean_patches, channels_last=channels_last, compile_generator=compile_generator
+        )
         if autocast_dtype not in (None, "bfloat16"):
             raise ValueError(
                 f"autocast_dtype must be None or 'bfloat16', got {autocast_dtype!r} (float16 would need loss scaling "

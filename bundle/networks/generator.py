@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import ADN
 from torch import nn
 
+from ..checks import require_bool
 from .blocks import IN_PLAIN, conv_block, up_block
 
 __all__ = [
@@ -306,13 +307,11 @@ class SAGANGenerator(nn.Module):
             self.hparams["position_code_after_norm"] = True
         if not 0.0 < keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}.")
-        for name, flag in (
-            ("position_code", position_code),
-            ("attention_gates", attention_gates),
-            ("position_code_after_norm", position_code_after_norm),
-        ):
-            if not isinstance(flag, bool):  # e.g. the string "false" from a command line, which would be truthy
-                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        require_bool(
+            position_code=position_code,
+            attention_gates=attention_gates,
+            position_code_after_norm=position_code_after_norm,
+        )
         self.patches_per_side = patches_per_side
         self.keep_prob = keep_prob
         self.use_position_code = position_code
