@@ -145,28 +145,31 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
         nib.Nifti1Image(np.random.rand(80, 72).astype(np.float32), np.diag([0.5, 0.5, 1, 1])), inputs / "scan.nii.gz"
     )
     make_dicom(inputs / "xray.dcm", ramp(64, 48), photometric="MONOCHROME1")
+    # a one-slice volume (X, Y, 1) in the same batch as 2D images: metadata of other shapes (collate_mixed_meta)
+    nib.save(nib.Nifti1Image(np.random.rand(70, 60, 1).astype(np.float32), np.eye(4)), inputs / "slab.nii.gz")
+    model = str(out / "models" / "model.pt")
     bundle_run(
-        "inferring",
-        *INFER,
-        "--input_path",
-        str(inputs),
-        "--output_dir",
-        str(out / "infer"),
-        "--model_path",
-        str(out / "models" / "model.pt"),
+        "inferring", *INFER, "--input_path", str(inputs), "--output_dir", str(out / "infer"), "--model_path", model
     )
     produced = sorted(os.listdir(out / "infer"))
     assert {
         "chest_heatmap.png",
         "scan_heatmap.png",
         "scan_heatmap.nii.gz",
+        "slab_heatmap.nii.gz",
         "xray_heatmap.png",
         "xray_heatmap.nii.gz",
         "scores.csv",
     } <= set(produced)
     assert "chest_heatmap.nii.gz" not in produced
     rows = list(csv.reader(open(out / "infer" / "scores.csv")))
-    assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "xray.dcm"]
+    assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "slab.nii.gz", "xray.dcm"]
+    one_by_one = out / "infer_batch1"
+    bundle_run("inferring", *INFER, "--input_path", str(inputs), "--output_dir", str(one_by_one), "--model_path", model,
+               "--dataloader#batch_size", "1")  # fmt: skip
+    alone = {r[0]: (float(r[1]), r[2]) for r in csv.reader(open(one_by_one / "scores.csv"))}
+    assert alone.keys() == {r[0] for r in rows}
+    assert all(np.isclose(float(r[1]), alone[r[0]][0], rtol=1e-4) for r in rows)  # batching changes no score
     threshold = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]["threshold"]
     assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
     heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")

@@ -1,4 +1,5 @@
 from .fpi import ForeignPatchInterpolationd, RandForeignPatchInterpolation, RandForeignPatchInterpolationd
 from .io import BadImageError, LoadGrayscaleImaged, load_grayscale
+from .mixed_meta import DecodeMixedMetad, collate_mixed_meta
 from .saving import SaveHeatmapd
 from .scoring import AnomalyScored, anomaly_map, anomaly_score, score_columns
