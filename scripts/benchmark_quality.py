@@ -64,7 +64,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "no_unlabeled": ([], {"unlabeled_size": "0"}),
     **{f"ar{r}": ([], {"anomaly_ratio": r}) for r in ("0", "0.2", "0.4", "0.8")},
     "sagan_fast": (["configs/presets/fast.json"], {}),  # not an ablation: SAGAN with the speed switches
-    "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU)
+    "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU; CPUs with bf16)
+    "sagan_fast_compiled": (["configs/presets/fast.json"], {"compile_generator": "True"}),  # + torch.compile of G
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }
@@ -147,7 +148,8 @@ def selection_rows(
 
 
 def iterations_done(run_dir: str) -> int:
-    """Iterations a run stopped by ``max_minutes`` trained, from the trainer state of its final checkpoint."""
+    """Iterations a run trained (fewer than configured when ``max_minutes`` stopped it), from the trainer state of
+    its final checkpoint."""
     final = os.path.join(run_dir, "models", "checkpoint_final.pt")
     import torch
 
@@ -191,7 +193,7 @@ def train_and_evaluate(
         "test_auc": round(metrics["test"]["auc"], 4),
         "test_ap": round(metrics["test"]["ap"], 4),
         "train_minutes": round(minutes, 1),
-        "iterations": iterations_done(run_dir) if "max_minutes" in overrides else int(parser.get("iterations")),
+        "iterations": iterations_done(run_dir),
         "command": command,
     }
 
@@ -369,10 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_interval", type=int, help="override the preset's val_interval (with --iterations)")
     parser.add_argument("--max_minutes", type=float, help="wall-clock budget of each training run (recorded)")
     parser.add_argument("--num_workers", type=int, help="data loader workers (recorded; GPU runs)")
+    parser.add_argument("--batch_size", type=int, help="override the preset's batch size (recorded; tiny data sets)")
     args = parser.parse_args(argv)
     schedule = {
         k: str(getattr(args, k))
-        for k in ("iterations", "val_interval", "max_minutes", "num_workers")
+        for k in ("iterations", "val_interval", "max_minutes", "num_workers", "batch_size")
         if getattr(args, k) is not None
     }
     selection_csv = os.path.join(os.path.dirname(args.csv), "results_selection.csv")

@@ -274,9 +274,10 @@ def time_training(args: argparse.Namespace) -> dict:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     rates, loads = [], []
     bf16_rates = []
+    bf16 = DEVICE.type == "cuda" or any("bf16" in name for name in loops)
     for r in range(args.repeats):
         rates.append(matmul_gflops())
-        if DEVICE.type == "cuda":
+        if bf16:
             bf16_rates.append(matmul_gflops(dtype=torch.bfloat16))
         loads.append(load())
         for name, step in loops.items():
@@ -336,18 +337,25 @@ def time_inference(args: argparse.Namespace) -> dict:
     with FlopCount() as counter, torch.no_grad():  # (the dispatch mode sees nothing under inference_mode)
         g_nchw(x[:2])
     flops = counter.total * batch / 2
-    nets = {"NCHW (engine, authors)": g_nchw, "channels_last (fast)": g_cl}
+    nets = {"NCHW (engine, authors)": (g_nchw, None), "channels_last (fast)": (g_cl, None)}
+    if args.inference_bf16:
+        nets["channels_last + bf16 autocast"] = (g_cl, torch.bfloat16)
     times: dict[str, list[float]] = {k: [] for k in nets}
     rates, loads = [], []
-    with torch.inference_mode():
-        for net in nets.values():
+
+    def forward(net: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
             net(x)
+
+    with torch.inference_mode():
+        for net, dtype in nets.values():
+            forward(net, dtype)
         for _ in range(args.repeats):
             rates.append(matmul_gflops())
             loads.append(load())
-            for name, net in nets.items():
+            for name, (net, dtype) in nets.items():
                 t = clock()
-                net(x)
+                forward(net, dtype)
                 times[name].append(clock() - t)
     mm = statistics.median(rates)
     rows = {}
@@ -472,6 +480,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (GPU: CUDA max allocated memory too)")
     parser.add_argument("--loops", nargs="+", choices=LOOPS + EXTRA_LOOPS, default=list(LOOPS))
     parser.add_argument("--inference", action="store_true", help="eval-mode generator throughput instead")
+    parser.add_argument("--inference-bf16", action="store_true", help="with --inference: a bf16 autocast row too")
     parser.add_argument("--memory", action="store_true", help="peak RSS of each loop, one process each")
     parser.add_argument("--profile", choices=LOOPS + EXTRA_LOOPS, default=None, help="torch.profiler table of a loop")
     parser.add_argument("--rows", type=int, default=25, help="operators in the --profile table")

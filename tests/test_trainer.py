@@ -70,6 +70,22 @@ def test_critic_every_iteration_generator_every_second():
     assert all(torch.isfinite(v) for v in out.values())
 
 
+def test_refuses_a_loader_without_a_full_batch():
+    """Fewer pairs than batch_size with drop_last: ignite would "complete" a run of zero iterations."""
+    ds = SAGANTrainingDataset(in_memory(3, 0), in_memory(3, 1), ForeignPatchInterpolationd(keys="normal"))
+    g, d = SAGANGenerator(conv_dim=4, num_res_blocks=1), SAGANCritic(conv_dim=4, num_layers=4)
+    with pytest.raises(ValueError, match=r"yields no batch: 3 training pairs .* batch_size 4 .* --batch_size 3"):
+        SAGANTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(ds, batch_size=4, drop_last=True),
+            g_network=g,
+            g_optimizer=torch.optim.Adam(g.parameters()),
+            d_network=d,
+            d_optimizer=torch.optim.Adam(d.parameters()),
+        )
+
+
 def test_zero_unlabeled_setting_uses_pseudo_anomalies():
     trainer = build(max_epochs=1, unlabeled=ImageCache([], transform=None))
     trainer.run()

@@ -38,7 +38,7 @@ class ResumablePassSampler(torch.utils.data.Sampler):
         self.n = len(data_source)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
-        self.batches_per_pass = self.n // self.batch_size  # 0 when one batch cannot be filled: the loader says so
+        self.batches_per_pass = self.n // self.batch_size  # 0: no full batch, which SAGANTrainer refuses
         self.next_pass = 0
         self._skip = 0
 

@@ -42,6 +42,24 @@ def attach_handlers(engine: Trainer, handlers: Sequence) -> None:
         sampler.attach(engine)
 
 
+def check_loader_has_batches(loader: Iterable) -> None:
+    """Refuses a training ``DataLoader`` that yields no batch, which ignite would run as a "completed" run of zero
+    iterations (an untrained generator, saved and evaluated as if trained).
+
+    Raises:
+        ValueError: ``len(loader)`` is 0, e.g. fewer training pairs than ``batch_size`` with ``drop_last``."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or len(loader) > 0:
+        return
+    pairs = len(loader.dataset)
+    if pairs == 0:
+        raise ValueError("the training data loader yields no batch: the training set is empty.")
+    raise ValueError(
+        f"the training data loader yields no batch: {pairs} training pairs (the larger of the normal and the "
+        f"unlabeled training sets) and batch_size {loader.batch_size} with drop_last, so no full batch can be formed. "
+        f"Use a batch_size of at most {pairs} (e.g. --batch_size {pairs}) or add training images."
+    )
+
+
 def epochs_for(iterations: int, val_interval: int) -> int:
     """The number of engine "epochs" (``val_interval`` iterations each) that make ``iterations``.
 
@@ -186,6 +204,7 @@ class SAGANTrainer(Trainer):
         )
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
+        check_loader_has_batches(train_data_loader)
         require_bool(
             share_clean_patches=share_clean_patches, channels_last=channels_last, compile_generator=compile_generator
         )
