@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU check (under 10 minutes on an H100/H200): speed of the training loops, inference and memory, the
-# compiled loop, then the `cpu` preset's quality in float32 and with the GPU switches (configs/presets/gpu.json),
-# and the paper preset for as long as the budget allows. Every stage has its own time limit, so a failing stage
+# One short GPU check (under 10 minutes on an H100/H200): speed of the training loops, inference and memory, a
+# profile of one `fast_bf16` iteration (top operators and a Chrome trace), the compiled loop, then the `cpu` preset's
+# quality in float32 and with the GPU switches (configs/presets/gpu.json), and the paper preset for as long as the
+# budget allows. Every stage has its own time limit, so a failing stage
 # costs only its own result. Logs and tables go to $OUT (default: runs/gpu_check).
 #
 #   bash scripts/benchmark_gpu.sh                      # data in ../shared/data/kermany_pneumonia
@@ -27,6 +28,7 @@ stage 110 --preset paper --batch 32 --repeats 3 --iters 10 --loops authors engin
     --json "$OUT/speed_train.json"
 stage 30 --preset paper --inference --repeats 5 --json "$OUT/speed_inference.json"
 stage 50 --preset paper --batch 32 --memory --loops authors fast fast_bf16 --json "$OUT/speed_memory.json"
+stage 40 --preset paper --batch 32 --profile fast_bf16 --rows 30 --trace "$OUT/trace_fast_bf16.json"
 stage 100 --preset paper --batch 32 --repeats 2 --iters 10 --loops fast_bf16 fast_bf16_compiled \
     --json "$OUT/speed_compiled.json"
 

@@ -422,6 +422,8 @@ def profile(args: argparse.Namespace) -> None:
     print(f"# {args.profile} loop, preset {args.preset}, batch {batch}, one critic-only + one generator iteration")
     sort = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=44))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
 
 def print_tables(result: dict) -> None:
@@ -485,6 +487,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=LOOPS + EXTRA_LOOPS, default=None, help="torch.profiler table of a loop")
     parser.add_argument("--rows", type=int, default=25, help="operators in the --profile table")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--trace", default=None, help="with --profile: write a Chrome trace (chrome://tracing)")
     parser.add_argument("--memory-child", choices=LOOPS + EXTRA_LOOPS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
