@@ -177,6 +177,21 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     assert np.allclose(np.abs(np.diag(heat.affine))[:2], [0.5 * 80 / 64, 0.5 * 72 / 64], atol=1e-3)
 
 
+def test_inferring_under_bf16_autocast_gives_nearly_the_float32_scores(trained, tiny_dataset, tmp_path):
+    out, _, _ = trained
+    images, model = os.path.join(tiny_dataset, "images"), str(out / "models" / "model.pt")
+    scores = {}
+    for dtype in ("$None", "bfloat16"):
+        folder = tmp_path / dtype.strip("$")
+        bundle_run("inferring", *INFER, "--input_path", images, "--output_dir", str(folder), "--model_path", model,
+                   "--autocast_dtype", dtype)  # fmt: skip
+        scores[dtype] = {r[0]: float(r[1]) for r in csv.reader(open(folder / "scores.csv"))}
+    assert scores["$None"].keys() == scores["bfloat16"].keys() and len(scores["$None"]) >= 10
+    f32, bf16 = (np.array([s[k] for k in sorted(scores["$None"])]) for s in scores.values())
+    assert not np.array_equal(f32, bf16)  # the switch reaches the generator
+    np.testing.assert_allclose(bf16, f32, rtol=0.05, atol=1e-3)
+
+
 def fingerprint(path):
     return os.stat(path).st_mtime_ns, open(path, "rb").read()
 

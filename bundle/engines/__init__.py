@@ -1,2 +1,3 @@
+from .inferer import AutocastInferer
 from .resumable import ResumablePassSampler, random_states, set_random_states
 from .trainer import SAGANPrepareBatch, SAGANTrainer, attach_handlers, epochs_for, loss_terms
