@@ -31,11 +31,11 @@ as donor, so the share of patches that the pasted patch touches is the training 
 2048 x 2048) is measured before every repeat: rates in the table are relative to it, so that they carry across
 machines and loads. "Effective" GFLOP/s count the authors' FLOPs (``torch.utils.flop_counter``'s formulas on their
 loop): work a loop leaves out counts as speed. ``--loops fast_plain_critic`` adds "fast" with the critic's plain
-convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``configs/presets/gpu.json``) and
-``fast_bf16_compiled`` also compiles the generator (minutes of compilation in the warm-up). ``--device cuda`` runs
-everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate beside the float32 one;
-use ``--iters 10`` or more there (one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the
-GPU stages in one go.
+convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``configs/presets/gpu.json``);
+``fast_compiled`` and ``fast_bf16_compiled`` also compile the generator (minutes of compilation in the warm-up).
+``--device cuda`` runs everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate
+beside the float32 one (on a CPU the bf16 rate is measured when a bf16 loop runs); use ``--iters 10`` or more there
+(one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the GPU stages in one go.
 
 Timings on a shared machine are noisy: compare loops within one run only, and read the load average printed with
 every figure.
@@ -71,7 +71,7 @@ from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 LOOPS = ("authors", "engine", "fast")
 DEVICE = torch.device("cpu")  # --device
 # "fast" with the critic's plain convolutions (an ablation); "fast" under bf16 autocast, and compiled (GPU switches)
-EXTRA_LOOPS = ("fast_plain_critic", "fast_bf16", "fast_bf16_compiled")
+EXTRA_LOOPS = ("fast_plain_critic", "fast_compiled", "fast_bf16", "fast_bf16_compiled")
 
 
 def load() -> float:
