@@ -2,8 +2,8 @@
 # One short GPU check (under 10 minutes on an H100/H200): speed of the training loops, inference and memory, a
 # profile of one `fast_bf16` iteration (top operators and a Chrome trace), the compiled loop, then the `cpu` preset's
 # quality in float32 and with the GPU switches (configs/presets/gpu.json), and the paper preset for as long as the
-# budget allows. Every stage has its own time limit, so a failing stage
-# costs only its own result. Logs and tables go to $OUT (default: runs/gpu_check).
+# budget allows. Every stage has its own time limit, so a failing stage costs only its own result. Logs and tables
+# go to $OUT (default: runs/gpu_check).
 #
 #   bash scripts/benchmark_gpu.sh                      # data in ../shared/data/kermany_pneumonia
 #   QUALITY_MINUTES=5 bash scripts/benchmark_gpu.sh  # wall-clock budget of each training run

@@ -70,7 +70,7 @@ from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
 DEVICE = torch.device("cpu")  # --device
-# "fast" with the critic's plain convolutions (an ablation); "fast" under bf16 autocast, and compiled (GPU switches)
+# "fast" with the critic's plain convolutions (an ablation); "fast" compiled, under bf16 autocast, or both
 EXTRA_LOOPS = ("fast_plain_critic", "fast_compiled", "fast_bf16", "fast_bf16_compiled")
 
 

@@ -20,6 +20,7 @@ from bundle.networks import (
     split_patches,
     stitch_patches,
 )
+from bundle.networks.generator import LayoutAwareInstanceNorm2d
 
 
 def n_params(m):
@@ -260,8 +261,6 @@ def test_position_code_reaches_the_output_only_after_the_norm(after_norm):
 
 
 def test_layout_aware_instance_norm_keeps_layout_and_dtype():
-    from bundle.networks.generator import LayoutAwareInstanceNorm2d
-
     torch.manual_seed(0)
     norm = nn.InstanceNorm2d(8)
     norm.__class__ = LayoutAwareInstanceNorm2d
