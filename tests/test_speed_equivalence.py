@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from bundle.engines import SAGANTrainer
+from bundle.engines.trainer import pad_to_bucket
 from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
 
 B, N_ITER = 3, 4  # iterations 1..4: critic steps at every one, generator steps at 2 and 4
@@ -122,7 +123,11 @@ def reference_run(
     return losses, parameters(g, d)
 
 
-def engine_run(data: list[dict], setting: dict, **switches) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+def engine_run(
+    data: list[dict], setting: dict, pad_touched_patches: bool = False, **switches
+) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """The engine with ``switches``; ``pad_touched_patches``: the padding ``compile_generator`` turns on, in eager
+    mode (compilation takes minutes)."""
     g, d = networks(setting)
     trainer = SAGANTrainer(
         device="cpu",
@@ -135,6 +140,7 @@ def engine_run(data: list[dict], setting: dict, **switches) -> tuple[list[dict[s
         d_optimizer=torch.optim.SGD(d.parameters(), LR),
         **switches,
     )
+    trainer.pad_touched_patches = pad_touched_patches
     losses = []
 
     @trainer.on(__import__("ignite").engine.Events.ITERATION_COMPLETED)
@@ -190,6 +196,18 @@ def test_fixture_covers_touched_and_untouched_patches(setting):
 )
 def test_engine_matches_straightforward_iteration(data, reference, switches):
     assert_same_training(engine_run(data, SMALL, **switches), reference, parameters(*networks(SMALL)), 1e-9)
+
+
+def test_padded_touched_patches_change_nothing(data, reference):
+    """7 touched patches per batch, padded to 8 (a quarter of 16 patches): the extra patch's output is dropped."""
+    result = engine_run(data, SMALL, pad_touched_patches=True, share_clean_patches=True, channels_last=True)
+    assert_same_training(result, reference, parameters(*networks(SMALL)), 1e-9)
+
+
+def test_pad_to_bucket():
+    assert pad_to_bucket(torch.tensor([5, 2, 9]), 4).tolist() == [5, 2, 9, 5]
+    assert pad_to_bucket(torch.tensor([5, 2, 9, 1]), 4).tolist() == [5, 2, 9, 1]
+    assert pad_to_bucket(torch.tensor([], dtype=torch.long), 4).tolist() == []
 
 
 def test_without_unlabeled_images_fpi_images_are_the_fakes():

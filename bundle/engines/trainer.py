@@ -60,6 +60,13 @@ def check_loader_has_batches(loader: Iterable) -> None:
     )
 
 
+def pad_to_bucket(indices: torch.Tensor, bucket: int) -> torch.Tensor:
+    """``indices`` (T,) followed by copies of its first entry up to the next multiple of ``bucket`` (T > 0), so that
+    a compiled function sees a few fixed lengths instead of every T; the caller drops the extra results."""
+    pad = -len(indices) % bucket
+    return torch.cat([indices, indices[:1].expand(pad)]) if pad and len(indices) else indices
+
+
 def epochs_for(iterations: int, val_interval: int) -> int:
     """The number of engine "epochs" (``val_interval`` iterations each) that make ``iterations``.
 
@@ -141,9 +148,13 @@ class SAGANTrainer(Trainer):
       the layout cuDNN prefers on GPU; results equal up to float rounding). The critic stays NCHW (its maps are at
       most 32x32 and its time goes to its large weights, where the layout gains nothing).
     - ``autocast_dtype``: ``"bfloat16"`` runs the forward passes under ``torch.autocast`` on the engine's
-      device (meant for GPUs: results are no longer float32 results; the losses are summed in float32).
+      device (GPUs, and CPUs with bf16 instructions: results are no longer float32 results; the losses are summed
+      in float32).
     - ``compile_generator``: ``torch.compile`` the generator (compilation takes minutes at the first
-      iterations; compiled code draws the delta masks from another random stream than eager code).
+      iterations; compiled code draws the delta masks from another random stream than eager code). With
+      ``share_clean_patches`` the number of touched FPI patches, which changes from batch to batch, is padded up
+      to a multiple of a quarter of the patches (copies of one touched patch whose outputs are dropped), so that
+      the compiled generator sees at most five fixed shapes: inductor's dynamic-shape path failed on CPU.
 
     Events: MONAI's ``IterationEvents`` (FORWARD_COMPLETED after the generator pass, LOSS/BACKWARD_COMPLETED for
     the critic step, MODEL_COMPLETED at the end) and, as in MONAI's ``AdversarialTrainer``, the
@@ -246,10 +257,11 @@ class SAGANTrainer(Trainer):
         self.autocast_dtype = autocast_dtype
         self._g_forward: Callable = g_network
         self._g_patches: Callable | None = getattr(g_network, "forward_patches", None)
+        self.pad_touched_patches = compile_generator  # fixed shapes for the compiled generator
         if compile_generator:
             self._g_forward = torch.compile(g_network)
-            if self._g_patches is not None:  # the number of FPI patches computed changes from batch to batch
-                self._g_patches = torch.compile(self._g_patches, dynamic=True)
+            if self._g_patches is not None:
+                self._g_patches = torch.compile(self._g_patches, dynamic=False)
 
     def state_dict(self) -> dict:
         """The engine's state and every random state of the run (see ``seed``)."""
@@ -315,13 +327,14 @@ class SAGANTrainer(Trainer):
         k = n * n
         p_n, p_p = split_patches(x_n, n), split_patches(x_p, n)
         touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)  # patches the pasted patch reaches
+        computed = pad_to_bucket(touched, -(-b * k // 4)) if self.pad_touched_patches else touched
         every = torch.arange(b * k, device=x_n.device) % k
-        parts, positions = [p_n, p_p[touched]], [every, touched % k]
+        parts, positions = [p_n, p_p[computed]], [every, computed % k]
         if has_unlabeled:
             parts, positions = [split_patches(x_u, n)] + parts, [every] + positions
         out = self._g_patches(torch.cat(parts), torch.cat(positions))
-        r_u, r_n, r_touched = out.split([b * k if has_unlabeled else 0, b * k, len(touched)])
-        r_p = r_n.index_copy(0, touched, r_touched)
+        r_u, r_n, r_touched = out.split([b * k if has_unlabeled else 0, b * k, len(computed)])
+        r_p = r_n.index_copy(0, touched, r_touched[: len(touched)])
         g_n, g_p = stitch_patches(r_n, n), stitch_patches(r_p, n)
         return (stitch_patches(r_u, n) if has_unlabeled else g_p), g_n, g_p
 
