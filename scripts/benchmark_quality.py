@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import shlex
@@ -247,9 +248,22 @@ def reference_rows(data_root: str, dataset: str) -> list[dict]:  # data_root rel
     return rows
 
 
-def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS, log_machine: bool = True) -> None:
-    """Appends ``rows`` (with a header for a new file) and, with ``log_machine``, each row's machine to
-    ``<csv>_runs.jsonl``."""
+def git_commit() -> str | None:
+    """The repository's commit (``-dirty`` with uncommitted changes to tracked files), None outside git."""
+    try:
+        run = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, check=True)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def append_rows(
+    csv_path: str, rows: list[dict], columns: list[str] = COLUMNS, log_machine: bool = True, commit: str | None = None
+) -> None:
+    """Appends ``rows`` (with a header for a new file) and, with ``log_machine``, each row's machine and the
+    ``commit`` its run used to ``<csv>_runs.jsonl``."""
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     new = not os.path.isfile(csv_path)
     with open(csv_path, "a", newline="") as f:
@@ -261,7 +275,8 @@ def append_rows(csv_path: str, rows: list[dict], columns: list[str] = COLUMNS, l
         return
     with open(os.path.splitext(csv_path)[0] + "_runs.jsonl", "a") as f:
         for row in rows:
-            f.write(json.dumps({"command": row["command"], "date": time.strftime("%Y-%m-%d"), **machine_info()}) + "\n")
+            entry = {"command": row["command"], "date": time.strftime("%Y-%m-%d"), **machine_info(), "commit": commit}
+            f.write(json.dumps(entry) + "\n")
 
 
 def mean_sd(values: list[float]) -> str:
@@ -382,12 +397,13 @@ def main(argv: list[str] | None = None) -> None:
     data_root = os.path.relpath(os.path.abspath(args.data_root), ROOT)
     for dataset in args.datasets:
         if args.references:
-            append_rows(args.csv, reference_rows(data_root, dataset))
+            append_rows(args.csv, reference_rows(data_root, dataset), commit=git_commit())
         for variant in args.variants:
             for seed in args.seeds:
                 if not args.selection_only:
+                    commit = git_commit()  # before the run starts: the code it uses
                     row = train_and_evaluate(data_root, dataset, variant, args.preset, seed, args.out_root, schedule)
-                    append_rows(args.csv, [row])
+                    append_rows(args.csv, [row], commit=commit)
                     print(json.dumps(row), flush=True)
                 rows = selection_rows(data_root, dataset, variant, args.preset, seed, args.out_root, schedule)
                 if os.path.isfile(selection_csv):  # --selection_only again: no duplicate rows

@@ -39,6 +39,9 @@ def test_row_reproduces_from_its_command(tiny_dataset, tmp_path):
         metrics = json.loads((run_dir / f"eval_{split}" / "metrics.json").read_text())
         assert round(metrics["auc"], 4) == float(row[column])
     assert row["iterations"] == "4" and row["variant"] == "sagan" and " ".join(schedule) in row["command"]
+    (run,) = [json.loads(line) for line in open(first.parent / "results_runs.jsonl")]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert run["command"] == row["command"] and run["commit"].split("-")[0] == head.strip()
 
     second = tmp_path / "second" / "results.csv"
     command = shlex.split(row["command"])
