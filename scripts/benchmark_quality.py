@@ -310,7 +310,7 @@ def selection_table(selection_csv: str, dataset: str, machines: dict[str, str] |
         "|---|---|---|---|---|---|---|---|",
     ]
     for (variant, preset, schedule, machine), group in sorted(groups.items()):
-        seeds = ",".join(sorted({r["seed"] for r in group}))
+        seeds = ",".join(sorted({r["seed"] for r in group}, key=int))
         by = {c: mean_sd([float(r["test_auc"]) for r in group if r["selection"] == c]) for c in SELECTIONS}
         lines.append(
             f"| {variant} | {preset} | {schedule or '-'} | {seeds} | {by['val_auc']} | {by['pseudo_auc']} | "
@@ -349,7 +349,7 @@ def report(csv_path: str, md_path: str) -> None:
             def stat(key: str, group: list[dict] = group) -> str:
                 return mean_sd([float(r[key]) for r in group if r[key] not in ("", None)])
 
-            seeds = ",".join(r["seed"] for r in group if r["seed"]) or "-"
+            seeds = ",".join(sorted((r["seed"] for r in group if r["seed"]), key=int)) or "-"
             iterations = ",".join(sorted({r["iterations"] for r in group if r["iterations"]})) or "-"
             lines.append(
                 f"| {variant} | {preset} | {schedule or '-'} | {seeds} | {stat('val_auc')} | {stat('test_auc')} | "
