@@ -24,3 +24,15 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, str | in
     gpu = torch.cuda.get_device_name(device) if use_cuda else None
     return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cores": os.cpu_count()}  # fmt: skip
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU has bf16 arithmetic instructions (x86 AVX-512 BF16 or AMX-BF16, Arm BF16), from the first
+    ``flags`` / ``Features`` line of /proc/cpuinfo; None where that cannot be read. Without them oneDNN emulates
+    bf16, and bf16 autocast is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))

@@ -86,6 +86,25 @@ def test_refuses_a_loader_without_a_full_batch():
         )
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_warns_when_bf16_would_be_emulated_on_the_cpu(monkeypatch, caplog, native):
+    monkeypatch.setattr("bundle.engines.trainer.cpu_has_native_bf16", lambda: native)
+    ds = SAGANTrainingDataset(in_memory(4, 0), in_memory(4, 1), ForeignPatchInterpolationd(keys="normal"))
+    g, d = SAGANGenerator(conv_dim=4, num_res_blocks=1), SAGANCritic(conv_dim=4, num_layers=4)
+    with caplog.at_level(logging.WARNING):
+        SAGANTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(ds, batch_size=4, drop_last=True),
+            g_network=g,
+            g_optimizer=torch.optim.Adam(g.parameters()),
+            d_network=d,
+            d_optimizer=torch.optim.Adam(d.parameters()),
+            autocast_dtype="bfloat16",
+        )
+    assert ("oneDNN emulates bf16" in caplog.text) is not native
+
+
 def test_zero_unlabeled_setting_uses_pseudo_anomalies():
     trainer = build(max_epochs=1, unlabeled=ImageCache([], transform=None))
     trainer.run()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..checks import require_bool
+from ..environment import cpu_has_native_bf16
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
 from .resumable import ResumablePassSampler, random_states, set_random_states
@@ -223,6 +224,11 @@ class SAGANTrainer(Trainer):
             raise ValueError(
                 f"autocast_dtype must be None or 'bfloat16', got {autocast_dtype!r} (float16 would need loss scaling "
                 "for both optimisers and the gradient penalty)."
+            )
+        if autocast_dtype is not None and torch.device(self.state.device).type == "cpu" and not cpu_has_native_bf16():
+            self.logger.warning(
+                "autocast_dtype bfloat16 on a CPU without bf16 instructions (AVX-512 BF16, AMX, Arm BF16) or whose "
+                "flags cannot be read: oneDNN emulates bf16 there, which is likely slower than float32."
             )
         self.register_events(*AdversarialIterationEvents)
         self.g_network = g_network
