@@ -78,6 +78,8 @@ def test_bundle_properties_complete(workflow_type, tiny_dataset, tmp_path):
     files = ["train.json"] if workflow_type == "train" else ["inference.json"]
     override = {"dataset_dir": tiny_dataset if workflow_type == "train" else os.path.join(tiny_dataset, "images")}
     override.update(ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "out"), progress_bar=False)
+    if workflow_type == "train":
+        override["batch_size"] = 4  # the tiny set has 12 pairs: the default 16 fills no batch, which is refused
     workflow = ConfigWorkflow(
         config_file=[os.path.join(ROOT, "configs", f) for f in files], workflow_type=workflow_type, **override
     )
@@ -117,6 +119,7 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     parser = config("train.json", *presets)
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
+    parser["batch_size"] = 4  # the tiny set's 12 pairs fill no batch of the default 16, which is refused
     trainer = parser.get_parsed_content("train#trainer")
     on = bool(presets)
     assert trainer.share_clean_patches is on and trainer.channels_last is on

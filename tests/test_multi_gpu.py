@@ -47,10 +47,11 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def recording_config(path, record_dir, probe_gradient_penalty: bool = False) -> str:
+def recording_config(path, record_dir, probe_gradient_penalty: bool = False, share_clean_patches: bool = False) -> str:
     """A config merged last: records each rank's sampler passes, served items (index, donor) and final weights;
-    optionally checks the gradient penalty through the DDP critic first."""
+    optionally checks the gradient penalty through the DDP critic first, and runs the generator on patches."""
     extra = {
+        "share_clean_patches": share_clean_patches,
         "train#sampler#_target_": "tests.distributed_helpers.RecordingSampler",
         "train#sampler#record_dir": str(record_dir),
         "train#dataset#_target_": "tests.distributed_helpers.RecordingDataset",
@@ -73,13 +74,17 @@ def recording_config(path, record_dir, probe_gradient_penalty: bool = False) -> 
 
 @pytest.fixture(scope="module")
 def two_process_run(tiny_dataset, tmp_path_factory):
-    """4 iterations on 2 ranks, then ``--resume`` to 6: 12 pairs -> 6 per rank and pass -> 1 batch of 4 per pass."""
+    """4 iterations on 2 ranks, then ``--resume`` to 6: 12 pairs -> 6 per rank and pass -> 1 batch of 4 per pass.
+    The first run has ``share_clean_patches`` on (the generator on patches through its DDP wrapper), the resumed
+    one off (whole images), so that both paths end with identical parameters on the ranks."""
     out = tmp_path_factory.mktemp("ddp")
     common = [*TINY, "--dataset_dir", tiny_dataset, "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "tb")]
     first, resumed = out / "first", out / "resumed"
     first.mkdir()
     resumed.mkdir()
-    torchrun_training(recording_config(out / "record_first.json", first, True), *common, "--iterations", "4")
+    config = recording_config(out / "record_first.json", first, True, share_clean_patches=True)
+    log = torchrun_training(config, *common, "--iterations", "4")
+    assert "cannot run on patches" not in log
     first_files = sorted(os.listdir(out / "models")), os.listdir(out / "tb")
     torchrun_training(
         recording_config(out / "record_resumed.json", resumed), *common, "--iterations", "6", "--resume", "True"

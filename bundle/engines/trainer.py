@@ -61,6 +61,19 @@ def check_loader_has_batches(loader: Iterable) -> None:
     )
 
 
+def patch_forward(g_network: nn.Module) -> tuple[Callable | None, int]:
+    """How to run ``g_network`` on patches with their position indices, and its patches per side N.
+
+    A generator with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`) gives
+    its ``forward_patches``; wrapped in DistributedDataParallel, the wrapper itself (its ``forward(p, positions)``
+    reaches ``forward_patches``, and only a call through the wrapper synchronises the gradients). Other generators:
+    ``(None, 1)``."""
+    module = g_network.module if isinstance(g_network, nn.parallel.DistributedDataParallel) else g_network
+    if not all(hasattr(module, a) for a in ("forward_patches", "patches_per_side")):
+        return None, 1
+    return (g_network if module is not g_network else g_network.forward_patches), module.patches_per_side
+
+
 def pad_to_bucket(indices: torch.Tensor, bucket: int) -> torch.Tensor:
     """``indices`` (T,) followed by copies of its first entry up to the next multiple of ``bucket`` (T > 0), so that
     a compiled function sees a few fixed lengths instead of every T; the caller drops the extra results."""
@@ -143,8 +156,9 @@ class SAGANTrainer(Trainer):
       patches are not recomputed: about half of the x_p patches at 64x64 with N = 2. The method is unchanged;
       the one difference is that such a patch's delta mask (paper, Eq. 1) is the one drawn for x_n, so the
       identity and restoration terms see the same draw there instead of two independent ones. Needs a generator
-      with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`); other
-      generators run as without the switch (with a warning).
+      with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`), also inside a
+      DistributedDataParallel wrapper (see :func:`patch_forward`); other generators run as without the switch
+      (with a warning).
     - ``channels_last``: the generator in channels-last memory layout (faster convolutions with oneDNN on CPU, and
       the layout cuDNN prefers on GPU; results equal up to float rounding). The critic stays NCHW (its maps are at
       most 32x32 and its time goes to its large weights, where the layout gains nothing).
@@ -247,11 +261,11 @@ class SAGANTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._reseed_if_resumed)
 
         self.share_clean_patches = share_clean_patches
-        if share_clean_patches and not all(hasattr(g_network, a) for a in ("forward_patches", "patches_per_side")):
+        self._g_patches, self._patches_per_side = patch_forward(g_network)
+        if share_clean_patches and self._g_patches is None:
             self.logger.warning(
-                f"share_clean_patches: {type(g_network).__name__} has no forward_patches / patches_per_side (a "
-                "DistributedDataParallel wrapper has none: patches outside its forward would skip its gradient "
-                "synchronisation); every FPI(x_n) image goes through the generator."
+                f"share_clean_patches: {type(g_network).__name__} cannot run on patches (no forward_patches / "
+                "patches_per_side); every FPI(x_n) image goes through the generator."
             )
             self.share_clean_patches = False
         self.channels_last = channels_last
@@ -262,7 +276,6 @@ class SAGANTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._align_optimizer_states)
         self.autocast_dtype = autocast_dtype
         self._g_forward: Callable = g_network
-        self._g_patches: Callable | None = getattr(g_network, "forward_patches", None)
         self.pad_touched_patches = compile_generator  # fixed shapes for the compiled generator
         if compile_generator:
             self._g_forward = torch.compile(g_network)
@@ -329,7 +342,7 @@ class SAGANTrainer(Trainer):
             fake = restored[:b] if has_unlabeled else restored[b:]
             g_n, g_p = (restored[b : 2 * b], restored[2 * b :]) if has_unlabeled else (restored[:b], restored[b:])
             return fake, g_n, g_p
-        n = self.g_network.patches_per_side
+        n = self._patches_per_side
         k = n * n
         p_n, p_p = split_patches(x_n, n), split_patches(x_p, n)
         touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)  # patches the pasted patch reaches

@@ -389,7 +389,12 @@ class SAGANGenerator(nn.Module):
             m = torch.where(delta, m, p)
         return torch.tanh(m + p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> restored images, same shape, in (-1, 1); H and W divisible by 8*N.
+        With ``positions`` ((P,) indices), ``x`` holds patches and this is :meth:`forward_patches` (the call a
+        DistributedDataParallel wrapper must see to synchronise the gradients)."""
+        if positions is not None:
+            return self.forward_patches(x, positions)
         n = self.patches_per_side
         h, w = x.shape[-2:]
         if h % (8 * n) or w % (8 * n):
