@@ -21,14 +21,14 @@ def in_memory(n, seed):
     return ImageCache([{"image": torch.rand(1, 32, 32, generator=g) * 2 - 1} for _ in range(n)], transform=lambda d: d)
 
 
-def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
+def build(max_epochs, epoch_length=2, unlabeled=None, handlers=(), pairs=8, **switches):
     set_determinism(seed=0)
     g = SAGANGenerator(conv_dim=4, num_res_blocks=1)
     d = SAGANCritic(conv_dim=4, num_layers=4)
     g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     ds = SAGANTrainingDataset(
-        in_memory(8, 0),
-        unlabeled if unlabeled is not None else in_memory(8, 1),
+        in_memory(pairs, 0),
+        unlabeled if unlabeled is not None else in_memory(pairs, 1),
         ForeignPatchInterpolationd(keys="normal"),
     )
     loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
@@ -41,6 +41,7 @@ def build(max_epochs, epoch_length=2, unlabeled=None, handlers=()):
         d_network=d,
         d_optimizer=d_opt,
         epoch_length=epoch_length,
+        **switches,
     )
     return trainer
 
@@ -72,36 +73,15 @@ def test_critic_every_iteration_generator_every_second():
 
 def test_refuses_a_loader_without_a_full_batch():
     """Fewer pairs than batch_size with drop_last: ignite would "complete" a run of zero iterations."""
-    ds = SAGANTrainingDataset(in_memory(3, 0), in_memory(3, 1), ForeignPatchInterpolationd(keys="normal"))
-    g, d = SAGANGenerator(conv_dim=4, num_res_blocks=1), SAGANCritic(conv_dim=4, num_layers=4)
     with pytest.raises(ValueError, match=r"yields no batch: 3 training pairs .* batch_size 4 .* --batch_size 3"):
-        SAGANTrainer(
-            device="cpu",
-            max_epochs=1,
-            train_data_loader=DataLoader(ds, batch_size=4, drop_last=True),
-            g_network=g,
-            g_optimizer=torch.optim.Adam(g.parameters()),
-            d_network=d,
-            d_optimizer=torch.optim.Adam(d.parameters()),
-        )
+        build(max_epochs=1, pairs=3)
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_warns_when_bf16_would_be_emulated_on_the_cpu(monkeypatch, caplog, native):
     monkeypatch.setattr("bundle.engines.trainer.cpu_has_native_bf16", lambda: native)
-    ds = SAGANTrainingDataset(in_memory(4, 0), in_memory(4, 1), ForeignPatchInterpolationd(keys="normal"))
-    g, d = SAGANGenerator(conv_dim=4, num_res_blocks=1), SAGANCritic(conv_dim=4, num_layers=4)
     with caplog.at_level(logging.WARNING):
-        SAGANTrainer(
-            device="cpu",
-            max_epochs=1,
-            train_data_loader=DataLoader(ds, batch_size=4, drop_last=True),
-            g_network=g,
-            g_optimizer=torch.optim.Adam(g.parameters()),
-            d_network=d,
-            d_optimizer=torch.optim.Adam(d.parameters()),
-            autocast_dtype="bfloat16",
-        )
+        build(max_epochs=1, autocast_dtype="bfloat16")
     assert ("oneDNN emulates bf16" in caplog.text) is not native
 
 
