@@ -160,6 +160,7 @@ def test_pseudo_auc_and_threshold_by_hand(constant_dataset, tmp_path):
             "pseudo_holdout_min": 2,
             "network_def": {"_target_": "tests.test_selection.ZeroNet"},
             "d_conv_dim": 4,
+            "batch_size": 4,  # the default 16 fills no batch from this small set, which the trainer refuses
             "device": "$torch.device('cpu')",
         }
     )
