@@ -164,3 +164,16 @@ def test_publish_only_a_better_model(datastore, tiny_model, tmp_path, served, ne
     assert cmd[cmd.index("--config_file") + 1] == "['configs/train.json']"
     assert cmd[cmd.index("--anomaly_ratio") + 1] == "0" and cmd[cmd.index("--unlabeled_size") + 1] == "4"
     assert not os.path.exists(os.path.dirname(cmd[cmd.index("--dataset_dir") + 1])), "work folder left behind"
+
+
+def test_failed_training_names_its_root_cause(tmp_path):
+    """MONAI's config parser wraps the bundle's own error (e.g. a training set smaller than one batch) in a
+    RuntimeError whose traceback pushes the cause out of the last lines: the message leads with the cause."""
+    import sys
+
+    from lib.trainers.sagan import SAGANTrainTask
+
+    task = SAGANTrainTask(ROOT, str(tmp_path / "model.pt"), lambda: None, {"bundle_python": sys.executable})
+    script = "print('ValueError: the training data loader yields no batch'); print('\\n'.join(['x'] * 30)); exit(1)"
+    with pytest.raises(MONAILabelException, match=r"failed \(exit 1\): ValueError: the training data loader yields"):
+        task._run_training([sys.executable, "-c", script])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -250,14 +251,18 @@ class SAGANTrainTask(TrainTask):
             cmd, cwd=self.bundle_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         tail: list[str] = []
+        cause = ""  # the first exception line: a chained traceback prints the root cause first, MONAI's wrapper last
         for line in process.stdout:
             line = line.rstrip()
             logger.info(f"[bundle] {line}")
             tail = (tail + [line])[-20:]
+            if not cause and re.match(r"[\w.]*(Error|Exception): ", line):
+                cause = line
         if process.wait() != 0:
             raise MONAILabelException(
                 MONAILabelError.APP_TRAIN_FAILED,
-                f"the bundle's training failed (exit {process.returncode}):\n" + "\n".join(tail),
+                f"the bundle's training failed (exit {process.returncode}): {cause or 'see the log'}\n"
+                + "\n".join(tail),
             )
 
     def __call__(self, request, datastore: Datastore):
