@@ -320,8 +320,8 @@ def selection_table(selection_csv: str, dataset: str, machines: dict[str, str] |
 
 
 def report(csv_path: str, md_path: str) -> None:
-    """Mean +- sd per (dataset, variant, preset) into docs/results.md between the markers, and per data set the
-    test AUC of each checkpoint choice."""
+    """Mean +- sd per (dataset, variant, preset, schedule, machine) into docs/results.md between the markers (the
+    latest row of each seed), and per data set the test AUC of each checkpoint choice."""
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     machines = {}
@@ -330,10 +330,11 @@ def report(csv_path: str, md_path: str) -> None:
         for line in open(runs_path):
             entry = json.loads(line)
             machines[entry["command"]] = entry["gpu"] or entry["cpu"]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:  # runs on other machines or schedules are never averaged together
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for i, row in enumerate(rows):  # runs on other machines or schedules are never averaged together
         machine = machines.get(row["command"], "?")
-        groups[(row["dataset"], row["variant"], row["preset"], schedule_of(row), machine)].append(row)
+        # a rerun of a seed (same command) replaces its earlier row: one vote per seed
+        groups[(row["dataset"], row["variant"], row["preset"], schedule_of(row), machine)][row["seed"] or i] = row
     lines = [MARK_BEGIN, ""]
     for dataset in sorted({k[0] for k in groups}):
         lines += [
@@ -342,9 +343,10 @@ def report(csv_path: str, md_path: str) -> None:
             "| variant | preset | schedule | seeds | val AUC | test AUC | test AP | iterations | min/run | machine |",
         ]
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
-        for (d, variant, preset, schedule, machine), group in sorted(groups.items()):
+        for (d, variant, preset, schedule, machine), by_seed in sorted(groups.items()):
             if d != dataset:
                 continue
+            group = list(by_seed.values())
 
             def stat(key: str, group: list[dict] = group) -> str:
                 return mean_sd([float(r[key]) for r in group if r[key] not in ("", None)])

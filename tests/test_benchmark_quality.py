@@ -65,3 +65,16 @@ def test_row_reproduces_from_its_command(tiny_dataset, tmp_path):
     assert f"#### {name}" in text and f"| sagan | demo | {schedule} | 0 | " in text
     by_val, last = float(selection["val_auc"]["test_auc"]), float(selection["last"]["test_auc"])
     assert f"| sagan | demo | {schedule} | 0 | {by_val:.3f} | - | {last:.3f} |" in text
+
+
+def test_report_counts_a_rerun_seed_once(tmp_path):
+    """A rerun of a seed (same command) replaces its earlier row in the mean, instead of voting twice."""
+    csv_path, md = tmp_path / "results.csv", tmp_path / "results.md"
+    rows = [("0", "0.5"), ("0", "0.9"), ("1", "0.7")]  # seed 0 rerun: 0.9 replaces 0.5
+    with open(csv_path, "w") as f:
+        f.write(COLUMNS + "\n")
+        for seed, auc in rows:
+            command = f"python scripts/benchmark_quality.py --datasets d --variants sagan --preset cpu --seeds {seed}"
+            f.write(f"d,sagan,cpu,{seed},0.6,{auc},{auc},{auc},1.0,1200,{command}\n")
+    benchmark.report(str(csv_path), str(md))
+    assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | 0.800 ± 0.141 |" in md.read_text()
