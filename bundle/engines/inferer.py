@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from monai.inferers import SimpleInferer
 
+from ..checks import require_autocast_dtype
+
 __all__ = ["AutocastInferer"]
 
 
@@ -23,8 +25,7 @@ class AutocastInferer(SimpleInferer):
 
     def __init__(self, dtype: str | None = None) -> None:
         super().__init__()
-        if dtype not in (None, "bfloat16"):
-            raise ValueError(f"dtype must be None or 'bfloat16', got {dtype!r}.")
+        require_autocast_dtype("dtype", dtype)
         self.dtype = dtype
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

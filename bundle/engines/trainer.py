@@ -15,7 +15,7 @@ from monai.utils import AdversarialIterationEvents, set_determinism
 from torch import nn
 from torch.optim import Optimizer
 
-from ..checks import require_bool
+from ..checks import require_autocast_dtype, require_bool
 from ..environment import cpu_has_native_bf16
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
@@ -234,11 +234,7 @@ class SAGANTrainer(Trainer):
         require_bool(
             share_clean_patches=share_clean_patches, channels_last=channels_last, compile_generator=compile_generator
         )
-        if autocast_dtype not in (None, "bfloat16"):
-            raise ValueError(
-                f"autocast_dtype must be None or 'bfloat16', got {autocast_dtype!r} (float16 would need loss scaling "
-                "for both optimisers and the gradient penalty)."
-            )
+        require_autocast_dtype("autocast_dtype", autocast_dtype)
         if autocast_dtype is not None and torch.device(self.state.device).type == "cpu" and not cpu_has_native_bf16():
             self.logger.warning(
                 "autocast_dtype bfloat16 on a CPU without bf16 instructions (AVX-512 BF16, AMX, Arm BF16) or whose "
