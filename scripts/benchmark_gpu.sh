@@ -1,55 +1,75 @@
 #!/usr/bin/env bash
-# One short GPU check (under 10 minutes on an H100/H200): speed of the training loops, inference and memory, a
-# profile of one `fast_bf16` iteration (top operators and a Chrome trace), the compiled loop, then the `cpu` preset's
-# quality in float32 and with the GPU switches (configs/presets/gpu.json), and the paper preset for as long as the
-# budget allows. Every stage has its own time limit, so a failing stage costs only its own result. Logs and tables
-# go to $OUT (default: runs/gpu_check).
+# One short GPU check (under 10 minutes on an H100/H200), in stages, each with its own time limit so that a failing
+# stage costs only its own result. Logs and tables go to $OUT (default: runs/gpu_check).
 #
-#   bash scripts/benchmark_gpu.sh                      # data in ../shared/data/kermany_pneumonia
-#   QUALITY_MINUTES=5 bash scripts/benchmark_gpu.sh  # wall-clock budget of each training run
+#   tests     the CUDA tests (tests/test_cuda_graphs.py: whole-iteration CUDA graphs train as eager code)
+#   speed     training loops, paper preset, batch 32: authors, fast, fast + bf16, and both as CUDA graphs
+#   memory    peak memory of fast + bf16, eager and as CUDA graphs
+#   profile   top operators of one eager fast + bf16 iteration pair, and a Chrome trace
+#   inference eval-mode generator throughput, batch 64
+#   compiled  fast + bf16 with torch.compile of the generator (minutes of compilation)
+#   quality   the cpu preset on Kermany with presets/gpu.json (+ cuda_graphs), seeds 0 and 1, side by side
+#
+#   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed memory profile"
+#   STAGES=quality QUALITY_MINUTES=3 bash scripts/benchmark_gpu.sh # data in ${DATA_ROOT:-../shared/data}
 set -u
 OUT=${OUT:-runs/gpu_check}
 DATA_ROOT=${DATA_ROOT:-../shared/data}
 QUALITY_MINUTES=${QUALITY_MINUTES:-2}
+STAGES=${STAGES:-tests speed memory profile}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT" runs/gpu_quality
+mkdir -p "$OUT"
 log="$OUT/speed.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee -a "$log"
+"$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.backends.cudnn.version())" | tee -a "$log"
 
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() {  # stage SECONDS ARGS...: one benchmark_speed.py run
     local limit=$1
     shift
     echo "### benchmark_speed.py $*" | tee -a "$log"
-    timeout "$limit" "$PY" scripts/benchmark_speed.py --device cuda "$@" 2>&1 | tee -a "$log" | tail -12
+    timeout "$limit" "$PY" scripts/benchmark_speed.py --device cuda "$@" 2>&1 | tee -a "$log" | tail -14
     echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
-stage 110 --preset paper --batch 32 --repeats 3 --iters 10 --loops authors engine fast fast_bf16 \
-    --json "$OUT/speed_train.json"
-stage 30 --preset paper --inference --repeats 5 --json "$OUT/speed_inference.json"
-stage 50 --preset paper --batch 32 --memory --loops authors fast fast_bf16 --json "$OUT/speed_memory.json"
-stage 40 --preset paper --batch 32 --profile fast_bf16 --rows 30 --trace "$OUT/trace_fast_bf16.json"
-stage 100 --preset paper --batch 32 --repeats 2 --iters 10 --loops fast_bf16 fast_bf16_compiled \
-    --json "$OUT/speed_compiled.json"
+if has tests; then
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee -a "$log" | tail -15
+fi
+if has speed; then
+    stage 200 --preset paper --batch 32 --repeats 3 --iters 10 \
+        --loops authors fast fast_bf16 fast_graphs fast_bf16_graphs --json "$OUT/speed_train.json"
+fi
+if has memory; then
+    stage 90 --preset paper --batch 32 --memory --loops fast_bf16 fast_bf16_graphs --json "$OUT/speed_memory.json"
+fi
+if has profile; then
+    stage 60 --preset paper --batch 32 --profile fast_bf16 --rows 25 --trace "$OUT/trace_fast_bf16.json"
+fi
+if has inference; then
+    stage 40 --preset paper --inference --inference-bf16 --repeats 5 --json "$OUT/speed_inference.json"
+fi
+if has compiled; then
+    stage 300 --preset paper --batch 32 --repeats 2 --iters 10 --loops fast_bf16 fast_bf16_compiled \
+        --json "$OUT/speed_compiled.json"
+fi
 
-# quality: runs in parallel on the one GPU (each stops after QUALITY_MINUTES of training, then evaluates)
-quality() {  # quality NAME ARGS...
-    local name=$1
-    shift
-    timeout $((${QUALITY_MINUTES%.*} * 60 + 180)) "$PY" scripts/benchmark_quality.py --data_root "$DATA_ROOT" \
-        --datasets kermany_pneumonia --out_root runs/gpu_quality --csv "runs/gpu_quality/$name/results.csv" \
-        --max_minutes "$QUALITY_MINUTES" "$@" >"$OUT/quality_$name.log" 2>&1
-    echo "### quality $name: exit $?" | tee -a "$log"
-}
-for v in sagan sagan_gpu; do
-    for s in 0 1; do
-        mkdir -p "runs/gpu_quality/${v}_s$s"
-        quality "${v}_s$s" --variants "$v" --preset cpu --seeds "$s" --num_workers 2 &
+if has quality; then  # runs side by side on the one GPU; each stops after QUALITY_MINUTES of training, then evaluates
+    mkdir -p runs/gpu_quality
+    quality() {  # quality NAME ARGS...
+        local name=$1
+        shift
+        mkdir -p "runs/gpu_quality/$name"
+        timeout $((${QUALITY_MINUTES%.*} * 60 + 150)) "$PY" scripts/benchmark_quality.py --data_root "$DATA_ROOT" \
+            --datasets kermany_pneumonia --out_root runs/gpu_quality --csv "runs/gpu_quality/$name/results.csv" \
+            --max_minutes "$QUALITY_MINUTES" "$@" >"$OUT/quality_$name.log" 2>&1
+        echo "### quality $name: exit $?" | tee -a "$log"
+    }
+    for v in ${QUALITY_VARIANTS:-sagan_gpu_graphs sagan_gpu}; do
+        for s in 0 1; do
+            quality "${v}_s$s" --variants "$v" --preset cpu --seeds "$s" --num_workers 2 &
+        done
     done
-done
-mkdir -p runs/gpu_quality/paper
-quality paper --variants sagan_gpu --preset paper --seeds 0 --iterations 100000 --val_interval 500 \
-    --num_workers 4 &
-wait
-tar -czf "$OUT/quality.tar.gz" --exclude='*.pt' --exclude='tb' runs/gpu_quality "$OUT"/quality_*.log
-cat runs/gpu_quality/*/results.csv | tee -a "$log"
+    wait
+    tar -czf "$OUT/quality.tar.gz" --exclude='*.pt' --exclude='tb' runs/gpu_quality "$OUT"/quality_*.log
+    cat runs/gpu_quality/*/results.csv | tee -a "$log"
+fi

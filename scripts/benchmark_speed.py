@@ -32,7 +32,8 @@ as donor, so the share of patches that the pasted patch touches is the training 
 machines and loads. "Effective" GFLOP/s count the authors' FLOPs (``torch.utils.flop_counter``'s formulas on their
 loop): work a loop leaves out counts as speed. ``--loops fast_plain_critic`` adds "fast" with the critic's plain
 convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``configs/presets/gpu.json``);
-``fast_compiled`` and ``fast_bf16_compiled`` also compile the generator (minutes of compilation in the warm-up).
+``fast_compiled`` and ``fast_bf16_compiled`` also compile the generator (minutes of compilation in the warm-up);
+``fast_graphs`` and ``fast_bf16_graphs`` run whole iterations as CUDA graphs (``cuda_graphs``; GPU only).
 ``--device cuda`` runs everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate
 beside the float32 one (on a CPU the bf16 rate is measured when a bf16 loop runs); use ``--iters 10`` or more there
 (one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the GPU stages in one go.
@@ -71,7 +72,14 @@ from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 LOOPS = ("authors", "engine", "fast")
 DEVICE = torch.device("cpu")  # --device
 # "fast" with the critic's plain convolutions (an ablation); "fast" compiled, under bf16 autocast, or both
-EXTRA_LOOPS = ("fast_plain_critic", "fast_compiled", "fast_bf16", "fast_bf16_compiled")
+EXTRA_LOOPS = (
+    "fast_plain_critic",
+    "fast_compiled",
+    "fast_bf16",
+    "fast_bf16_compiled",
+    "fast_graphs",
+    "fast_bf16_graphs",
+)
 
 
 def load() -> float:
@@ -173,7 +181,7 @@ class EngineLoop:
 
     def __init__(
         self, g: torch.nn.Module, d: torch.nn.Module, settings: dict, fast: bool, bf16: bool = False,
-        compiled: bool = False,
+        compiled: bool = False, graphs: bool = False,
     ) -> None:  # fmt: skip
         opt_kw = {"fused": True} if fast else {}
         betas = tuple(settings["betas"])
@@ -192,6 +200,7 @@ class EngineLoop:
             channels_last=fast,
             autocast_dtype="bfloat16" if bf16 else None,
             compile_generator=compiled,
+            cuda_graphs=graphs,
         )
 
     def iteration(self, it: int, batch: dict[str, torch.Tensor]) -> None:
@@ -225,7 +234,13 @@ def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict
         loop = AuthorsLoop(g, d, settings)
     else:
         loop = EngineLoop(
-            g, d, settings, fast=name != "engine", bf16="bf16" in name, compiled=name.endswith("compiled")
+            g,
+            d,
+            settings,
+            fast=name != "engine",
+            bf16="bf16" in name,
+            compiled=name.endswith("compiled"),
+            graphs=name.endswith("graphs"),
         )
     return loop.iteration, settings, g
 
@@ -270,6 +285,9 @@ def time_training(args: argparse.Namespace) -> dict:
         t = clock()
         step(1, warm[0])
         step(2, warm[1])
+        if name.endswith("graphs"):  # CUDA graphs: warm up and capture at the timed batch's shapes
+            for it in range(3, 11):
+                step(it, data[(it + 1) % 2])  # as timed: odd (critic-only) data[0]
         print(f"warm-up {name}: {clock() - t:.1f} s, load {load():.1f}", flush=True)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     rates, loads = [], []
@@ -372,7 +390,8 @@ def time_inference(args: argparse.Namespace) -> dict:
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    """One process, one loop: peak RSS of a critic-only and a generator iteration (printed as JSON)."""
+    """One process, one loop: peak RSS of a critic-only and a generator iteration (printed as JSON); CUDA-graph
+    loops run four of each, so that the graphs are captured and replayed."""
     _, _, settings = build(args.preset)
     batch = args.batch or settings["batch_size"]
     data = make_batches(2, batch)
@@ -382,8 +401,8 @@ def memory_child(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats(DEVICE)
         cuda_before = torch.cuda.memory_allocated(DEVICE)
-    step(1, data[0])
-    step(2, data[1])
+    for it in range(1, 9 if args.memory_child.endswith("graphs") else 3):
+        step(it, data[(it + 1) % 2])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"loop": args.memory_child, "rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024}
     if cuda:

@@ -235,7 +235,8 @@ def test_shared_patches_share_their_delta_draw():
     opt = torch.optim.SGD(g.parameters(), LR)
     trainer = SAGANTrainer("cpu", 1, [], g, opt, SAGANCritic(conv_dim=4), opt, epoch_length=1, share_clean_patches=True)
     batch = batches()[0]
-    _, g_n, g_p = trainer._generator_pass(batch["normal"], batch["unlabeled"], batch["pseudo"])
+    plan = trainer.patch_plan(batch["normal"], batch["pseudo"])
+    _, g_n, g_p = trainer._generator_pass(batch["normal"], batch["unlabeled"], batch["pseudo"], plan)
     p_n, p_p, p_x = split_patches(g_n, 2), split_patches(g_p, 2), split_patches(batch["pseudo"], 2)
     touched = (p_x != split_patches(batch["normal"], 2)).flatten(1).any(1)
     assert torch.equal(p_p[~touched], p_n[~touched])

@@ -19,6 +19,12 @@ from ..checks import require_autocast_dtype, require_bool
 from ..environment import cpu_has_native_bf16
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
+from .cuda_graphs import (
+    CUDAGraphIterations,
+    check_cuda_graphs,
+    prepare_optimizer_for_capture,
+    release_optimizer_from_capture,
+)
 from .resumable import ResumablePassSampler, random_states, set_random_states
 
 __all__ = ["SAGANPrepareBatch", "SAGANTrainer", "attach_handlers", "loss_terms", "epochs_for"]
@@ -79,6 +85,24 @@ def pad_to_bucket(indices: torch.Tensor, bucket: int) -> torch.Tensor:
     a compiled function sees a few fixed lengths instead of every T; the caller drops the extra results."""
     pad = -len(indices) % bucket
     return torch.cat([indices, indices[:1].expand(pad)]) if pad and len(indices) else indices
+
+
+def touched_patch_plan(
+    p_n: torch.Tensor, p_p: torch.Tensor, bucket: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which FPI(x_n) patches the generator must compute (``share_clean_patches``) and where their results go.
+
+    ``p_n``, ``p_p``: (P, C, h, w) patches of x_n and FPI(x_n). Returns ``(computed, dest)``, both (T,) indices
+    into the P patches: ``computed`` are the patches the pasted patch reaches, ``dest`` where each result is
+    written. With ``bucket`` the count is padded up to a multiple of ``bucket`` (copies of the first touched patch,
+    written to the spare row P, which the caller drops): a few fixed shapes for compiled code and CUDA graphs.
+    Finding the touched patches waits for the device (``nonzero``)."""
+    touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)
+    if bucket is None:
+        return touched, touched
+    computed = pad_to_bucket(touched, bucket)
+    spare = torch.full((len(computed) - len(touched),), len(p_n), dtype=touched.dtype, device=touched.device)
+    return computed, torch.cat([touched, spare])
 
 
 def epochs_for(iterations: int, val_interval: int) -> int:
@@ -216,6 +240,7 @@ class SAGANTrainer(Trainer):
         channels_last: bool = False,
         autocast_dtype: str | None = None,
         compile_generator: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -232,7 +257,10 @@ class SAGANTrainer(Trainer):
             raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
         check_loader_has_batches(train_data_loader)
         require_bool(
-            share_clean_patches=share_clean_patches, channels_last=channels_last, compile_generator=compile_generator
+            share_clean_patches=share_clean_patches,
+            channels_last=channels_last,
+            compile_generator=compile_generator,
+            cuda_graphs=cuda_graphs,
         )
         require_autocast_dtype("autocast_dtype", autocast_dtype)
         if autocast_dtype is not None and torch.device(self.state.device).type == "cpu" and not cpu_has_native_bf16():
@@ -272,7 +300,11 @@ class SAGANTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._align_optimizer_states)
         self.autocast_dtype = autocast_dtype
         self._g_forward: Callable = g_network
-        self.pad_touched_patches = compile_generator  # fixed shapes for the compiled generator
+        self.pad_touched_patches = compile_generator or cuda_graphs  # a few fixed shapes
+        self._graphs: CUDAGraphIterations | None = None
+        if cuda_graphs:
+            check_cuda_graphs(self.state.device, (g_network, d_network), compile_generator)
+            self._graphs = CUDAGraphIterations(self)
         if compile_generator:
             self._g_forward = torch.compile(g_network)
             if self._g_patches is not None:
@@ -307,8 +339,9 @@ class SAGANTrainer(Trainer):
 
     def _align_optimizer_states(self, engine: SAGANTrainer) -> None:
         """Once per run, after a CheckpointLoader: give every optimiser state tensor the memory layout of its
-        parameter. PyTorch's fused Adam walks both as flat memory, so a state restored from a checkpoint saved in
-        the other layout (``channels_last`` switched between runs) would be read in the wrong order."""
+        parameter (PyTorch's fused Adam walks both as flat memory, so a state restored from a checkpoint saved in
+        the other layout, ``channels_last`` switched between runs, would be read in the wrong order), and set the
+        optimisers up for this run's CUDA graphs, or undo a graph run's set-up restored from its checkpoint."""
         if engine._states_aligned:
             return
         engine._states_aligned = True
@@ -319,89 +352,132 @@ class SAGANTrainer(Trainer):
                     for key, value in state.items():
                         if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+            if engine._graphs is not None:
+                prepare_optimizer_for_capture(opt, torch.device(engine.state.device))
+            else:
+                release_optimizer_from_capture(opt)
 
     def _autocast(self, device: torch.device | str | None) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         device_type = torch.device(device).type if device is not None else "cpu"
-        return torch.autocast(device_type, dtype=getattr(torch, self.autocast_dtype))
+        # a CUDA graph must not keep autocast's weight casts from the capture (they would not be redone at replay)
+        return torch.autocast(
+            device_type, dtype=getattr(torch, self.autocast_dtype), cache_enabled=self._graphs is None
+        )
+
+    def patch_plan(self, x_n: torch.Tensor, x_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``share_clean_patches`` plan of a batch (:func:`touched_patch_plan`; padded for compiled code and
+        CUDA graphs), or ``None`` when every FPI(x_n) image goes through the generator."""
+        if not self.share_clean_patches:
+            return None
+        n = self._patches_per_side
+        bucket = -(-x_n.shape[0] * n * n // 4) if self.pad_touched_patches else None
+        return touched_patch_plan(split_patches(x_n, n), split_patches(x_p, n), bucket)
 
     def _generator_pass(
-        self, x_n: torch.Tensor, x_u: torch.Tensor | None, x_p: torch.Tensor
+        self,
+        x_n: torch.Tensor,
+        x_u: torch.Tensor | None,
+        x_p: torch.Tensor,
+        plan: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """G(x_u) (or G(x_p) without unlabeled images: the critic's fake), G(x_n) and G(x_p), with the graph for
-        the generator step; each (B, C, H, W)."""
+        the generator step; each (B, C, H, W). ``plan``: see :meth:`patch_plan`."""
         b = x_n.shape[0]
         has_unlabeled = x_u is not None
-        if not self.share_clean_patches:
+        if plan is None:
             restored = self._g_forward(torch.cat([x_u, x_n, x_p]) if has_unlabeled else torch.cat([x_n, x_p]))
             fake = restored[:b] if has_unlabeled else restored[b:]
             g_n, g_p = (restored[b : 2 * b], restored[2 * b :]) if has_unlabeled else (restored[:b], restored[b:])
             return fake, g_n, g_p
         n = self._patches_per_side
         k = n * n
+        computed, dest = plan
         p_n, p_p = split_patches(x_n, n), split_patches(x_p, n)
-        touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)  # patches the pasted patch reaches
-        computed = pad_to_bucket(touched, -(-b * k // 4)) if self.pad_touched_patches else touched
         every = torch.arange(b * k, device=x_n.device) % k
         parts, positions = [p_n, p_p[computed]], [every, computed % k]
         if has_unlabeled:
             parts, positions = [split_patches(x_u, n)] + parts, [every] + positions
         out = self._g_patches(torch.cat(parts), torch.cat(positions))
         r_u, r_n, r_touched = out.split([b * k if has_unlabeled else 0, b * k, len(computed)])
-        r_p = r_n.index_copy(0, touched, r_touched[: len(touched)])
+        # padding results land in the spare last row (see touched_patch_plan), which is dropped
+        r_p = torch.cat([r_n, r_n[:1]]).index_copy(0, dest, r_touched)[: b * k]
         g_n, g_p = stitch_patches(r_n, n), stitch_patches(r_p, n)
         return (stitch_patches(r_u, n) if has_unlabeled else g_p), g_n, g_p
 
     def _iteration(self, engine: SAGANTrainer, batchdata: dict) -> dict[str, torch.Tensor]:
         if batchdata is None:
             raise ValueError("empty batch from the training data loader.")
-        g, d = engine.g_network, engine.d_network
         x_n, x_u, x_p = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        has_unlabeled = x_u is not None
         update_g = engine.state.iteration % engine.n_critic == 0
-        g.train()
-        d.train()
-        critic = d if engine.autocast_dtype is None else _FloatScores(d)
-        if update_g:
-            with engine._autocast(engine.state.device):
-                fake, g_n, g_p = engine._generator_pass(x_n, x_u, x_p)
+        engine.g_network.train()
+        engine.d_network.train()
+        plan = engine.patch_plan(x_n, x_p) if update_g else None
+        if engine._graphs is not None:
+            d_terms, g_terms = engine._graphs.run(x_n, x_u, x_p, update_g, plan)
         else:
-            with torch.no_grad(), engine._autocast(engine.state.device):
-                fake = engine._g_forward(x_u if has_unlabeled else x_p)
-        if engine.autocast_dtype is not None:  # the losses in float32
-            fake = fake.float()
-            if update_g:
-                g_n, g_p = g_n.float(), g_p.float()
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(AdversarialIterationEvents.GENERATOR_FORWARD_COMPLETED)
-
-        engine.d_optimizer.zero_grad(set_to_none=True)
-        with engine._autocast(engine.state.device):
-            d_terms = critic_loss_terms(critic, x_n, fake, engine.lambda_gp)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.fire_event(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
-        d_terms["d_loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.fire_event(AdversarialIterationEvents.DISCRIMINATOR_BACKWARD_COMPLETED)
-        engine.d_optimizer.step()
-        engine.fire_event(AdversarialIterationEvents.DISCRIMINATOR_MODEL_COMPLETED)
-
-        if update_g:
-            engine.g_optimizer.zero_grad(set_to_none=True)
-            for p in d.parameters():
-                p.requires_grad_(False)
-            with engine._autocast(engine.state.device):
-                g_terms = generator_loss_terms(
-                    critic, fake, x_n, g_n, g_p, engine.lambda_identity, engine.lambda_restoration
-                )
-            engine.fire_event(AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
-            g_terms["g_loss"].backward()
-            engine.fire_event(AdversarialIterationEvents.GENERATOR_BACKWARD_COMPLETED)
-            for p in d.parameters():
-                p.requires_grad_(True)
-            engine.g_optimizer.step()
-            engine.fire_event(AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED)
+            d_terms, g_terms = engine.training_step(x_n, x_u, x_p, update_g, plan, engine.fire_event)
+        if g_terms is not None:
             engine._last_g_terms = {k: v.detach() for k, v in g_terms.items()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return {**{k: v.detach() for k, v in d_terms.items()}, **engine._last_g_terms}
+
+    def training_step(
+        self,
+        x_n: torch.Tensor,
+        x_u: torch.Tensor | None,
+        x_p: torch.Tensor,
+        update_g: bool,
+        plan: tuple[torch.Tensor, torch.Tensor] | None,
+        fire: Callable[[object], None],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """One iteration's device work: the generator pass, the critic step and, if ``update_g``, the generator
+        step (with both optimiser steps). No host synchronisation, so that it can be captured as a CUDA graph.
+
+        ``x_n``, ``x_u`` (or ``None``), ``x_p``: (B, C, H, W) on the device; ``plan``: see :meth:`patch_plan`;
+        ``fire``: called with each iteration event in order. Returns the critic's and the generator's loss terms
+        (scalar tensors; ``None`` for the generator on critic-only iterations)."""
+        g, d = self.g_network, self.d_network
+        has_unlabeled = x_u is not None
+        critic = d if self.autocast_dtype is None else _FloatScores(d)
+        device = self.state.device
+        if update_g:
+            with self._autocast(device):
+                fake, g_n, g_p = self._generator_pass(x_n, x_u, x_p, plan)
+        else:
+            with torch.no_grad(), self._autocast(device):
+                fake = self._g_forward(x_u if has_unlabeled else x_p)
+        if self.autocast_dtype is not None:  # the losses in float32
+            fake = fake.float()
+            if update_g:
+                g_n, g_p = g_n.float(), g_p.float()
+        fire(IterationEvents.FORWARD_COMPLETED)
+        fire(AdversarialIterationEvents.GENERATOR_FORWARD_COMPLETED)
+
+        self.d_optimizer.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            d_terms = critic_loss_terms(critic, x_n, fake, self.lambda_gp)
+        fire(IterationEvents.LOSS_COMPLETED)
+        fire(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
+        d_terms["d_loss"].backward()
+        fire(IterationEvents.BACKWARD_COMPLETED)
+        fire(AdversarialIterationEvents.DISCRIMINATOR_BACKWARD_COMPLETED)
+        self.d_optimizer.step()
+        fire(AdversarialIterationEvents.DISCRIMINATOR_MODEL_COMPLETED)
+        if not update_g:
+            return d_terms, None
+
+        self.g_optimizer.zero_grad(set_to_none=True)
+        for p in d.parameters():
+            p.requires_grad_(False)
+        with self._autocast(device):
+            g_terms = generator_loss_terms(critic, fake, x_n, g_n, g_p, self.lambda_identity, self.lambda_restoration)
+        fire(AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
+        g_terms["g_loss"].backward()
+        fire(AdversarialIterationEvents.GENERATOR_BACKWARD_COMPLETED)
+        for p in d.parameters():
+            p.requires_grad_(True)
+        self.g_optimizer.step()
+        fire(AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED)
+        return d_terms, g_terms

@@ -1,0 +1,156 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""The ``cuda_graphs`` switch: whole training iterations captured as CUDA graphs train as the eager engine does.
+
+The GPU tests run where CUDA is available (``scripts/benchmark_gpu.sh`` runs them first); the rest run anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from bundle.engines import SAGANTrainer
+from bundle.engines.cuda_graphs import prepare_optimizer_for_capture
+from bundle.engines.trainer import touched_patch_plan
+from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
+from bundle.transforms import RandForeignPatchInterpolation
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+ITERATIONS = 16
+
+
+def networks() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    return SAGANGenerator(conv_dim=16, num_res_blocks=2, keep_prob=1.0), SAGANCritic(conv_dim=16, num_layers=6)
+
+
+def batches(device: str, count: int = ITERATIONS, batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Random images in [-1, 1] and FPI(x_n) (donor: the next image), as the benchmark makes them."""
+    gen = torch.Generator().manual_seed(0)
+    fpi = RandForeignPatchInterpolation()
+    fpi.set_random_state(0)
+    out = []
+    for _ in range(count):
+        x_n, x_u = (torch.rand(batch, 1, 64, 64, generator=gen) * 2 - 1 for _ in range(2))
+        x_p = torch.stack([fpi(x_n[i], x_n.roll(1, 0)[i])[0] for i in range(batch)])
+        out.append({"normal": x_n.to(device), "unlabeled": x_u.to(device), "pseudo": x_p.to(device)})
+    return out
+
+
+def train(g, d, data, **switches) -> tuple[SAGANTrainer, list[dict[str, float]], list[str]]:
+    """``len(data)`` iterations with fused Adam, the lr cut to a tenth after 8 (through ``LambdaLR``, as the
+    bundle's schedule), no gradient penalty (its random mixing weights come from another stream in a graph) and
+    no delta gating; returns the trainer, each iteration's loss terms and the events fired in iteration 4."""
+    g_opt = torch.optim.Adam(g.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
+    d_opt = torch.optim.Adam(d.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 if t < 8 else 0.1) for o in (g_opt, d_opt)]
+    device = data[0]["normal"].device
+    trainer = SAGANTrainer(device, 1, data, g, g_opt, d, d_opt, epoch_length=len(data), lambda_gp=0.0, **switches)
+    losses, events = [], []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine):
+        losses.append({k: v.item() for k, v in engine.state.output.items()})
+        for s in schedulers:
+            s.step()
+
+    def note(event):
+        def handler(engine):
+            if engine.state.iteration == 4:
+                events.append(str(event))
+
+        return handler
+
+    for event in trainer._allowed_events:
+        if "COMPLETED" in str(event) and event not in (Events.EPOCH_COMPLETED, Events.COMPLETED):
+            trainer.add_event_handler(event, note(event))
+    trainer.run()
+    return trainer, losses, events
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_graphs_train_as_eager_code(bf16):
+    """Same losses at every iteration (the lr change after iteration 8 included: a graph that kept the lr of its
+    capture would part from eager code there), same parameters at the end, same events in the same order, and the
+    graphs were replayed."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    g, d = networks()
+    data = batches("cuda")
+    switches = {"share_clean_patches": True, "channels_last": True, "autocast_dtype": "bfloat16" if bf16 else None}
+    g2, d2 = copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda()
+    _, eager_losses, eager_events = train(g.cuda(), d.cuda(), data, **switches)
+    trainer, graph_losses, graph_events = train(g2, d2, data, cuda_graphs=True, **switches)
+    assert trainer._graphs.replays >= 4
+    assert graph_events == eager_events and len(eager_events) == 12
+    tol = 2e-2 if bf16 else 1e-3
+    for it, (row, ref) in enumerate(zip(graph_losses, eager_losses), 1):
+        for key, value in ref.items():
+            assert row[key] == pytest.approx(value, rel=tol, abs=tol), f"iteration {it}: {key}"
+    # weights only: a bias right before an instance norm gets a gradient of float rounding, which Adam turns into
+    # lr-sized steps of either sign (docs/performance.md, "Findings")
+    for net, ref in ((g2, g), (d2, d)):
+        for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+            if p.dim() < 2:
+                continue
+            scale = q.abs().max().item()
+            assert (p - q).abs().max().item() <= tol * max(scale, 1e-3), name
+
+
+@needs_cuda
+def test_checkpointed_graph_optimizer_resumes_without_graphs():
+    """A graph run's optimiser (device lr tensor, capturable steps) resumed in an eager run steps as usual."""
+    g, d = networks()
+    g, d = g.cuda(), d.cuda()
+    data = batches("cuda", count=4)
+    trainer, _, _ = train(g, d, data, cuda_graphs=True)
+    state = copy.deepcopy(trainer.g_optimizer.state_dict())
+    assert torch.is_tensor(state["param_groups"][0]["lr"])
+    g_opt = torch.optim.Adam(g.parameters(), fused=True)
+    g_opt.load_state_dict(state)
+    eager = SAGANTrainer("cuda", 1, data, g, g_opt, d, torch.optim.Adam(d.parameters()), epoch_length=4)
+    eager.run()
+    assert isinstance(g_opt.param_groups[0]["lr"], float) and not g_opt.param_groups[0]["capturable"]
+
+
+def test_cuda_graphs_are_refused_off_cuda():
+    g, d = networks()
+    opt = torch.optim.Adam(g.parameters())
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        SAGANTrainer("cpu", 1, [], g, opt, d, opt, epoch_length=1, cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        SAGANTrainer("cpu", 1, [], g, opt, d, opt, epoch_length=1, cuda_graphs="true")
+
+
+def test_capture_settings_are_undone_on_the_cpu():
+    """A checkpoint of a CUDA-graph run brings a tensor lr and ``capturable`` steps into the optimiser; a CPU run
+    (which refuses capturable steps) turns them back before its first step."""
+    g, d = networks()
+    opt = torch.optim.Adam(g.parameters(), 1e-3)
+    prepare_optimizer_for_capture(opt, torch.device("cpu"))
+    trainer = SAGANTrainer("cpu", 1, [], g, opt, d, torch.optim.Adam(d.parameters()), epoch_length=1)
+    for p in g.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(AssertionError, match="capturable=True"):
+        opt.step()
+    trainer._align_optimizer_states(trainer)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3) and not opt.param_groups[0]["capturable"]
+
+
+def test_padded_plan_sends_padding_to_a_spare_row():
+    """Two images, four patches each: the pasted pixels reach patches 0 and 2 of the first image and patch 1 of the
+    second (index 5). Padded to a multiple of 4, the computed list repeats the first touched patch and its result
+    goes to row 8, past the real patches."""
+    x_n = torch.zeros(2, 1, 8, 8)
+    x_p = x_n.clone()
+    x_p[0, 0, 3:5, 3] = 1.0  # rows 3-4 at column 3: patches 0 and 2 of image 0
+    x_p[1, 0, 1, 6] = 1.0  # patch 1 of image 1
+    p_n, p_p = split_patches(x_n, 2), split_patches(x_p, 2)
+    computed, dest = touched_patch_plan(p_n, p_p)
+    assert computed.tolist() == dest.tolist() == [0, 2, 5]
+    computed, dest = touched_patch_plan(p_n, p_p, bucket=4)
+    assert computed.tolist() == [0, 2, 5, 0] and dest.tolist() == [0, 2, 5, 8]
