@@ -159,4 +159,3 @@ class CUDAGraphIterations:
 
 def _copy(terms: Terms | None) -> Terms | None:
     return None if terms is None else {k: v.detach().clone() for k, v in terms.items()}
-

@@ -438,7 +438,7 @@ class SAGANTrainer(Trainer):
         ``x_n``, ``x_u`` (or ``None``), ``x_p``: (B, C, H, W) on the device; ``plan``: see :meth:`patch_plan`;
         ``fire``: called with each iteration event in order. Returns the critic's and the generator's loss terms
         (scalar tensors; ``None`` for the generator on critic-only iterations)."""
-        g, d = self.g_network, self.d_network
+        d = self.d_network
         has_unlabeled = x_u is not None
         critic = d if self.autocast_dtype is None else _FloatScores(d)
         device = self.state.device
