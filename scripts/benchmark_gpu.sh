@@ -37,7 +37,7 @@ if has tests; then
 fi
 if has speed; then
     stage 200 --preset paper --batch 32 --repeats 3 --iters 10 \
-        --loops authors fast fast_bf16 fast_graphs fast_bf16_graphs --json "$OUT/speed_train.json"
+        --loops ${SPEED_LOOPS:-authors fast fast_bf16 fast_graphs fast_bf16_graphs} --json "$OUT/speed_train.json"
 fi
 if has memory; then
     stage 90 --preset paper --batch 32 --memory --loops fast_bf16 fast_bf16_graphs --json "$OUT/speed_memory.json"

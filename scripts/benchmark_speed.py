@@ -33,7 +33,8 @@ machines and loads. "Effective" GFLOP/s count the authors' FLOPs (``torch.utils.
 loop): work a loop leaves out counts as speed. ``--loops fast_plain_critic`` adds "fast" with the critic's plain
 convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``configs/presets/gpu.json``);
 ``fast_compiled`` and ``fast_bf16_compiled`` also compile the generator (minutes of compilation in the warm-up);
-``fast_graphs`` and ``fast_bf16_graphs`` run whole iterations as CUDA graphs (``cuda_graphs``; GPU only).
+``fast_graphs`` and ``fast_bf16_graphs`` run whole iterations as CUDA graphs (``cuda_graphs``; GPU only), and
+``fast_nchw_graphs`` / ``fast_nchw_bf16_graphs`` the same without ``channels_last``.
 ``--device cuda`` runs everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate
 beside the float32 one (on a CPU the bf16 rate is measured when a bf16 loop runs); use ``--iters 10`` or more there
 (one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the GPU stages in one go.
@@ -79,6 +80,8 @@ EXTRA_LOOPS = (
     "fast_bf16_compiled",
     "fast_graphs",
     "fast_bf16_graphs",
+    "fast_nchw_graphs",
+    "fast_nchw_bf16_graphs",
 )
 
 
@@ -181,7 +184,7 @@ class EngineLoop:
 
     def __init__(
         self, g: torch.nn.Module, d: torch.nn.Module, settings: dict, fast: bool, bf16: bool = False,
-        compiled: bool = False, graphs: bool = False,
+        compiled: bool = False, graphs: bool = False, channels_last: bool | None = None,
     ) -> None:  # fmt: skip
         opt_kw = {"fused": True} if fast else {}
         betas = tuple(settings["betas"])
@@ -197,7 +200,7 @@ class EngineLoop:
             n_critic=settings["n_critic"],
             lambda_gp=settings["lambda_gp"],
             share_clean_patches=fast,
-            channels_last=fast,
+            channels_last=fast if channels_last is None else channels_last,
             autocast_dtype="bfloat16" if bf16 else None,
             compile_generator=compiled,
             cuda_graphs=graphs,
@@ -241,6 +244,7 @@ def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict
             bf16="bf16" in name,
             compiled=name.endswith("compiled"),
             graphs=name.endswith("graphs"),
+            channels_last=False if "nchw" in name else None,
         )
     return loop.iteration, settings, g
 
