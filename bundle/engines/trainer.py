@@ -241,7 +241,6 @@ class SAGANTrainer(Trainer):
         autocast_dtype: str | None = None,
         compile_generator: bool = False,
         cuda_graphs: bool = False,
-        autocast_critic: bool = True,
     ) -> None:
         super().__init__(
             device=device,
@@ -262,7 +261,6 @@ class SAGANTrainer(Trainer):
             channels_last=channels_last,
             compile_generator=compile_generator,
             cuda_graphs=cuda_graphs,
-            autocast_critic=autocast_critic,
         )
         require_autocast_dtype("autocast_dtype", autocast_dtype)
         if autocast_dtype is not None and torch.device(self.state.device).type == "cpu" and not cpu_has_native_bf16():
@@ -301,7 +299,6 @@ class SAGANTrainer(Trainer):
         self._states_aligned = False
         self.add_event_handler(Events.EPOCH_STARTED, self._align_optimizer_states)
         self.autocast_dtype = autocast_dtype
-        self.autocast_critic = autocast_critic
         self._g_forward: Callable = g_network
         self.pad_touched_patches = compile_generator or cuda_graphs  # a few fixed shapes
         self._graphs: CUDAGraphIterations | None = None
@@ -445,7 +442,6 @@ class SAGANTrainer(Trainer):
         has_unlabeled = x_u is not None
         critic = d if self.autocast_dtype is None else _FloatScores(d)
         device = self.state.device
-        critic_autocast = self._autocast if self.autocast_critic else lambda _: contextlib.nullcontext()
         if update_g:
             with self._autocast(device):
                 fake, g_n, g_p = self._generator_pass(x_n, x_u, x_p, plan)
@@ -460,7 +456,7 @@ class SAGANTrainer(Trainer):
         fire(AdversarialIterationEvents.GENERATOR_FORWARD_COMPLETED)
 
         self.d_optimizer.zero_grad(set_to_none=True)
-        with critic_autocast(device):
+        with self._autocast(device):
             d_terms = critic_loss_terms(critic, x_n, fake, self.lambda_gp)
         fire(IterationEvents.LOSS_COMPLETED)
         fire(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
@@ -475,7 +471,7 @@ class SAGANTrainer(Trainer):
         self.g_optimizer.zero_grad(set_to_none=True)
         for p in d.parameters():
             p.requires_grad_(False)
-        with critic_autocast(device):
+        with self._autocast(device):
             g_terms = generator_loss_terms(critic, fake, x_n, g_n, g_p, self.lambda_identity, self.lambda_restoration)
         fire(AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
         g_terms["g_loss"].backward()
