@@ -67,7 +67,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "sagan_fast": (["configs/presets/fast.json"], {}),  # not an ablation: SAGAN with the speed switches
     "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU; CPUs with bf16)
     "sagan_fast_compiled": (["configs/presets/fast.json"], {"compile_generator": "True"}),  # + torch.compile of G
-    "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),  # + whole iterations as CUDA graphs
+    # gpu.json with whole iterations as CUDA graphs forced on (gpu.json turns them on by itself on a CUDA device)
+    "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }

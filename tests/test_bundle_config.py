@@ -127,3 +127,13 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         assert bool(opt.defaults["fused"]) is on
+
+
+def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
+    """``presets/gpu.json`` turns whole-iteration CUDA graphs on where the device is CUDA, off on a CPU (the
+    trainer refuses them there); ``multi_gpu_train.json`` turns them off (DistributedDataParallel)."""
+    for device, expected in (("cpu", False), ("cuda", True)):
+        parser = config("train.json", "presets/gpu.json")
+        parser["device"] = f"$torch.device('{device}')"
+        assert parser.get_parsed_content("cuda_graphs") is expected
+    assert config("train.json", "presets/gpu.json", "multi_gpu_train.json").get_parsed_content("cuda_graphs") is False

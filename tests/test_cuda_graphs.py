@@ -20,6 +20,8 @@ from bundle.transforms import RandForeignPatchInterpolation
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 ITERATIONS = 16
+# the generator's scheduler steps after critic-only iterations too, before its optimiser's first step
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 
 
 def networks() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -71,34 +73,48 @@ def train(g, d, data, **switches) -> tuple[SAGANTrainer, list[dict[str, float]],
     return trainer, losses, events
 
 
+def loss_distance(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
+    """Largest absolute difference of any loss term at any iteration, but the gradient penalty (its random mixing
+    weights differ between runs; it has no weight here) and NaN (a generator term not yet computed)."""
+    return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in y if y[k] == y[k] and k != "gp")
+
+
+def update_distance(nets: tuple, ref: tuple, initial: tuple) -> float:
+    """||params - ref params|| / ||ref params - initial params||, over every weight of both networks (biases right
+    before an instance norm get float-rounding gradients, which Adam turns into lr-sized steps of either sign)."""
+    diff = upd = 0.0
+    for net, r, i in zip(nets, ref, initial):
+        for p, q, p0 in zip(net.parameters(), r.parameters(), i.parameters()):
+            if p.dim() > 1:
+                diff += (p - q).pow(2).sum().item()
+                upd += (q - p0).pow(2).sum().item()
+    return (diff / upd) ** 0.5
+
+
 @needs_cuda
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
 def test_graphs_train_as_eager_code(bf16):
-    """Same losses at every iteration (the lr change after iteration 8 included: a graph that kept the lr of its
-    capture would part from eager code there), same parameters at the end, same events in the same order, and the
-    graphs were replayed."""
+    """CUDA graphs differ from eager code no more than eager code differs from itself on the GPU (cuDNN's and
+    index_add's atomics make two eager runs part: on an H200, 16 iterations moved the largest weights' difference
+    to a quarter of the largest weight). Compared: every loss term of 16 iterations (the lr cut after iteration 8
+    included: a graph that kept the lr of its capture would part from eager code there) and the weights' updates;
+    plus the events in their order, and that the graphs were replayed."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g, d = networks()
+    initial = (copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda())
     data = batches("cuda")
     switches = {"share_clean_patches": True, "channels_last": True, "autocast_dtype": "bfloat16" if bf16 else None}
-    g2, d2 = copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda()
-    _, eager_losses, eager_events = train(g.cuda(), d.cuda(), data, **switches)
-    trainer, graph_losses, graph_events = train(g2, d2, data, cuda_graphs=True, **switches)
+    runs = [(copy.deepcopy(initial[0]), copy.deepcopy(initial[1])) for _ in range(3)]
+    _, eager_losses, eager_events = train(*runs[0], data, **switches)
+    _, again_losses, _ = train(*runs[1], data, **switches)
+    trainer, graph_losses, graph_events = train(*runs[2], data, cuda_graphs=True, **switches)
     assert trainer._graphs.replays >= 4
     assert graph_events == eager_events
     assert "AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED" in eager_events
-    tol = 2e-2 if bf16 else 1e-3
-    for it, (row, ref) in enumerate(zip(graph_losses, eager_losses), 1):
-        for key, value in ref.items():
-            assert row[key] == pytest.approx(value, rel=tol, abs=tol, nan_ok=True), f"iteration {it}: {key}"
-    # weights only: a bias right before an instance norm gets a gradient of float rounding, which Adam turns into
-    # lr-sized steps of either sign (docs/performance.md, "Findings")
-    for net, ref in ((g2, g), (d2, d)):
-        for (name, p), q in zip(net.named_parameters(), ref.parameters()):
-            if p.dim() < 2:
-                continue
-            scale = q.abs().max().item()
-            assert (p - q).abs().max().item() <= tol * max(scale, 1e-3), name
+    noise = loss_distance(again_losses, eager_losses)
+    assert loss_distance(graph_losses, eager_losses) <= 3 * noise + 1e-5
+    noise = update_distance(runs[1], runs[0], initial)
+    assert update_distance(runs[2], runs[0], initial) <= 3 * noise + 1e-5
 
 
 @needs_cuda
