@@ -94,12 +94,6 @@ class CUDAGraphIterations:
         self._stream: torch.cuda.Stream | None = None
         self.replays = 0
 
-    def reset(self) -> None:
-        """Drops every graph (after the networks' or optimisers' tensors were replaced, e.g. by loading a
-        checkpoint): the next iterations warm up and capture again."""
-        self._graphs.clear()
-        self._seen.clear()
-
     def run(
         self,
         x_n: torch.Tensor,

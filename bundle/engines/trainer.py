@@ -194,6 +194,10 @@ class SAGANTrainer(Trainer):
       ``share_clean_patches`` the number of touched FPI patches, which changes from batch to batch, is padded up
       to a multiple of a quarter of the patches (copies of one touched patch whose outputs are dropped), so that
       the compiled generator sees at most five fixed shapes: inductor's dynamic-shape path failed on CPU.
+    - ``cuda_graphs``: capture each kind of iteration (:meth:`training_step`) as a CUDA graph and replay it
+      (:class:`~bundle.engines.CUDAGraphIterations`; CUDA only, not under DistributedDataParallel, not with
+      ``compile_generator``). The touched FPI patches are padded as for ``compile_generator``; random draws come
+      from another stream than eager code's; the iteration events fire after each replay.
 
     Events: MONAI's ``IterationEvents`` (FORWARD_COMPLETED after the generator pass, LOSS/BACKWARD_COMPLETED for
     the critic step, MODEL_COMPLETED at the end) and, as in MONAI's ``AdversarialTrainer``, the
@@ -214,7 +218,8 @@ class SAGANTrainer(Trainer):
             :class:`bundle.engines.ResumablePassSampler` it continues exactly as the uninterrupted run.
         prepare_batch: batch -> ``(x_n, x_u or None, x_p)`` on the device.
         train_handlers: MONAI / ignite handlers to attach.
-        share_clean_patches, channels_last, autocast_dtype, compile_generator: speed switches, see above.
+        share_clean_patches, channels_last, autocast_dtype, compile_generator, cuda_graphs: speed switches, see
+            above.
     """
 
     def __init__(
