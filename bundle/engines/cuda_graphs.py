@@ -68,7 +68,8 @@ class _Graph:
 
 class CUDAGraphIterations:
     """Runs :meth:`SAGANTrainer.training_step` as CUDA graphs, one per kind of iteration (critic-only, or generator
-    with a given padded number of touched FPI patches: at most five kinds with ``share_clean_patches``).
+    with a given padded number of touched FPI patches: up to five generator kinds with ``share_clean_patches``,
+    for 0, 1/4, 1/2, 3/4 or all of the patches).
 
     The first ``warmup`` iterations of each kind run eagerly on a side stream (they allocate the optimiser states
     and let cuDNN and cuBLAS set up); the next is captured and replayed, and later ones are replayed: every
