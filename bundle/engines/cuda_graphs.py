@@ -80,6 +80,12 @@ class CUDAGraphIterations:
     Iteration events fire after the replay, in the order the captured iteration fired them. All graphs share one
     memory pool (they never run at the same time; what must outlive a replay is held by a reference).
 
+    Limits: a handler on a mid-iteration event sees the state at the end of the iteration (one that changed
+    gradients between backward and step would do nothing), and ``.grad`` outside the graphs is not the last
+    iteration's; only the learning rate follows a scheduler (betas, eps and weight decay are fixed at capture);
+    parameters and optimiser states must not be replaced after the first capture (a ``CheckpointLoader`` loads
+    before it).
+
     Args:
         trainer: the engine whose ``training_step`` is captured.
         warmup: eager iterations of each kind before its capture.
