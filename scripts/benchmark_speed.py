@@ -72,7 +72,8 @@ from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
 DEVICE = torch.device("cpu")  # --device
-# "fast" with the critic's plain convolutions (an ablation); "fast" compiled, under bf16 autocast, or both
+# "fast" with the critic's plain convolutions (an ablation); "fast" compiled, under bf16 autocast or both; "fast" as
+# CUDA graphs, channels-last or NCHW, float32 or bf16
 EXTRA_LOOPS = (
     "fast_plain_critic",
     "fast_compiled",

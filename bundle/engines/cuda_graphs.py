@@ -8,7 +8,7 @@ the arithmetic. A CUDA graph records the kernels of one iteration once and repla
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -59,11 +59,13 @@ def release_optimizer_from_capture(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = float(group["lr"])
 
 
-class _Graph:
+class _Graph(NamedTuple):
     """One captured iteration: its graph, static inputs and outputs, and the events it fires."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: tuple, events: list) -> None:
-        self.graph, self.inputs, self.outputs, self.events = graph, inputs, outputs, events
+    graph: torch.cuda.CUDAGraph
+    inputs: list
+    outputs: tuple
+    events: list
 
 
 class CUDAGraphIterations:

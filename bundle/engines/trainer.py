@@ -19,12 +19,7 @@ from ..checks import require_autocast_dtype, require_bool
 from ..environment import cpu_has_native_bf16
 from ..losses import critic_loss_terms, generator_loss_terms
 from ..networks.generator import split_patches, stitch_patches
-from .cuda_graphs import (
-    CUDAGraphIterations,
-    check_cuda_graphs,
-    prepare_optimizer_for_capture,
-    release_optimizer_from_capture,
-)
+from .cuda_graphs import CUDAGraphIterations, check_cuda_graphs, release_optimizer_from_capture
 from .resumable import ResumablePassSampler, random_states, set_random_states
 
 __all__ = ["SAGANPrepareBatch", "SAGANTrainer", "attach_handlers", "loss_terms", "epochs_for"]
@@ -345,8 +340,8 @@ class SAGANTrainer(Trainer):
     def _align_optimizer_states(self, engine: SAGANTrainer) -> None:
         """Once per run, after a CheckpointLoader: give every optimiser state tensor the memory layout of its
         parameter (PyTorch's fused Adam walks both as flat memory, so a state restored from a checkpoint saved in
-        the other layout, ``channels_last`` switched between runs, would be read in the wrong order), and set the
-        optimisers up for this run's CUDA graphs, or undo a graph run's set-up restored from its checkpoint."""
+        the other layout, ``channels_last`` switched between runs, would be read in the wrong order), and, without
+        CUDA graphs, undo a graph run's optimiser set-up restored from its checkpoint (graphs set it up at capture)."""
         if engine._states_aligned:
             return
         engine._states_aligned = True
@@ -357,9 +352,7 @@ class SAGANTrainer(Trainer):
                     for key, value in state.items():
                         if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-            if engine._graphs is not None:
-                prepare_optimizer_for_capture(opt, torch.device(engine.state.device))
-            else:
+            if engine._graphs is None:
                 release_optimizer_from_capture(opt)
 
     def _autocast(self, device: torch.device | str | None) -> contextlib.AbstractContextManager:
