@@ -1,12 +1,19 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""The machine a figure was measured on (CPU model, GPU, threads, torch), for benchmark records."""
+"""The machine a figure was measured on (CPU model, GPU, threads, torch), for benchmark records, what its CPU can
+do, and the process's memory allocator setting (:func:`keep_freed_cpu_memory`)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import platform
 
 import torch
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, str | int | None]:
@@ -36,3 +43,27 @@ def cpu_has_native_bf16() -> bool | None:
     except OSError:
         return None
     return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def keep_freed_cpu_memory(enabled: bool = True) -> bool:
+    """Let glibc's ``malloc`` keep the memory that freed tensors held, for the next iteration's tensors: large
+    blocks come from the heap instead of fresh ``mmap`` s (``M_MMAP_MAX`` 0) and freed memory is not handed back
+    to the system (``M_TRIM_THRESHOLD`` -1). By default every activation above glibc's mmap threshold (at most 32
+    MiB) is mapped at each iteration, page-faulted in while it is written and unmapped when freed; on a CPU
+    training run that costs several percent of the time (docs/performance.md, "The CPU allocator"). The price:
+    the process's resident memory stays at its high-water mark instead of shrinking between iterations.
+
+    Process-wide, from the call on; call it before training. The same as starting Python with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment. Returns whether it was applied: ``False``
+    with ``enabled`` false, and, with a warning, where the C library has no ``mallopt`` (not glibc: macOS, musl
+    does not honour it)."""
+    if not enabled:
+        return False
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        logging.getLogger(__name__).warning(
+            "keep_freed_cpu_memory: the C library is not glibc (no mallopt); the allocator setting is skipped."
+        )
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))

@@ -63,7 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bundle.engines import SAGANTrainer  # noqa: E402
-from bundle.environment import machine_info  # noqa: E402
+from bundle.environment import keep_freed_cpu_memory, machine_info  # noqa: E402
 from bundle.losses import gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
 from bundle.networks.critic import OnePixelConv2d  # noqa: E402
@@ -422,7 +422,7 @@ def measure_memory(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--memory-child", name]
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--device", args.device]
+        cmd += ["--device", args.device] + (["--keep-freed-memory"] if args.keep_freed_memory else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[name] = json.loads(out)
         print(f"memory {name}: {rows[name]}, load {load():.1f}", flush=True)
@@ -460,6 +460,7 @@ def print_tables(result: dict) -> None:
             + (f" (bf16: {', '.join(f'{r:.0f}' for r in bf16)})" if bf16 else "")
             + f"; load {', '.join(f'{v:.1f}' for v in result['load'])}; FPI patches computed by 'fast': "
             f"{result['touched_patch_fraction']:.2f}"
+            + ("; freed memory kept for reuse (every loop)" if result.get("keep_freed_memory") else "")
         )
         print(
             "| loop | ms / iteration | critic-only ms | generator ms | x authors' time | effective GFLOP/s | x matmul |"
@@ -512,12 +513,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="operators in the --profile table")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--trace", default=None, help="with --profile: write a Chrome trace (chrome://tracing)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse (bundle.environment.keep_freed_cpu_memory), for every loop",
+    )
     parser.add_argument("--memory-child", choices=LOOPS + EXTRA_LOOPS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_cpu_memory():
+        sys.exit("--keep-freed-memory: this C library has no mallopt (not glibc)")
     if args.memory_child:
         memory_child(args)
         return
@@ -533,6 +541,7 @@ def main() -> None:
     else:
         result = time_training(args)
     result["machine"] = info
+    result["keep_freed_memory"] = args.keep_freed_memory
     result["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
     print_tables(result)
     if args.json:
