@@ -7,6 +7,7 @@ side in one run, plus inference throughput, peak memory and the machine's matmul
     python scripts/benchmark_speed.py --preset cpu --repeats 3                   # training, cpu preset (batch 16)
     python scripts/benchmark_speed.py --preset paper --inference --repeats 3     # eval-mode G, batch 64
     python scripts/benchmark_speed.py --preset paper --batch 32 --memory         # peak RSS, one process per loop
+    python scripts/benchmark_speed.py --preset paper --keep-freed-memory         # glibc keeps freed memory (all loops)
     python scripts/benchmark_speed.py --preset paper --batch 8 --profile fast    # top operators of one iteration
 
 Loops (``--loops``, default all three):

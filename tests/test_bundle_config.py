@@ -115,7 +115,8 @@ def test_early_stop_is_wired_and_off_by_default():
 
 @pytest.mark.parametrize("presets", [[], ["presets/fast.json"]])
 def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, tmp_path):
-    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator and fused Adam on."""
+    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator, fused Adam and the
+    kept freed memory on (the training list applies the last, see test_training_lists_apply_the_allocator_setting)."""
     parser = config("train.json", *presets)
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
@@ -123,6 +124,7 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     trainer = parser.get_parsed_content("train#trainer")
     on = bool(presets)
     assert trainer.share_clean_patches is on and trainer.channels_last is on
+    assert parser.get_parsed_content("keep_freed_cpu_memory") is on
     conv = next(p for p in trainer.g_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
@@ -137,3 +139,9 @@ def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
         parser["device"] = f"$torch.device('{device}')"
         assert parser.get_parsed_content("cuda_graphs") is expected
     assert config("train.json", "presets/gpu.json", "multi_gpu_train.json").get_parsed_content("cuda_graphs") is False
+
+
+@pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
+def test_training_lists_apply_the_allocator_setting(names):
+    """The allocator setting is process-wide, so the run applies it first, before any tensor is made."""
+    assert config(*names).get("training")[0] == "$bundle.environment.keep_freed_cpu_memory(@keep_freed_cpu_memory)"
