@@ -46,17 +46,16 @@ def cpu_has_native_bf16() -> bool | None:
 
 
 def keep_freed_cpu_memory(enabled: bool = True) -> bool:
-    """Let glibc's ``malloc`` keep the memory that freed tensors held, for the next iteration's tensors: large
-    blocks come from the heap instead of fresh ``mmap`` s (``M_MMAP_MAX`` 0) and freed memory is not handed back
-    to the system (``M_TRIM_THRESHOLD`` -1). By default every activation above glibc's mmap threshold (at most 32
-    MiB) is mapped at each iteration, page-faulted in while it is written and unmapped when freed; on a CPU
-    training run that costs several percent of the time (docs/performance.md, "The CPU allocator"). The price:
-    the process's resident memory stays at its high-water mark instead of shrinking between iterations.
+    """Let glibc's ``malloc`` keep the memory of freed tensors for the next iteration's tensors: large blocks
+    come from the heap instead of a fresh mapping each (``M_MMAP_MAX`` 0), and freed memory is not handed back to
+    the system (``M_TRIM_THRESHOLD`` -1). By default every block above glibc's mmap threshold (128 KiB, raised up
+    to 32 MiB as blocks are freed) is mapped, page-faulted in while it is written and unmapped when freed, at
+    every iteration: on a CPU training run that costs several percent of the time (docs/performance.md, "CPU: the
+    allocator"). The price: resident memory stays at its high-water mark instead of shrinking between iterations.
 
-    Process-wide, from the call on; call it before training. The same as starting Python with
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment. Returns whether it was applied: ``False``
-    with ``enabled`` false, and, with a warning, where the C library has no ``mallopt`` (not glibc: macOS, musl
-    does not honour it)."""
+    Process-wide, from the call on: call it before training. The same as starting Python with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment. Returns whether it was applied:
+    ``False`` with ``enabled`` false, and, with a warning, where the C library is not glibc (macOS, musl)."""
     if not enabled:
         return False
     libc_name = ctypes.util.find_library("c")

@@ -141,6 +141,14 @@ def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
     assert config("train.json", "presets/gpu.json", "multi_gpu_train.json").get_parsed_content("cuda_graphs") is False
 
 
+@pytest.mark.parametrize("preset", ["presets/fast.json", "presets/gpu.json"])
+def test_fast_presets_keep_freed_memory_on_a_cpu_only(preset):
+    for device, expected in (("cpu", True), ("cuda", False)):
+        parser = config("train.json", preset)
+        parser["device"] = f"$torch.device('{device}')"
+        assert parser.get_parsed_content("keep_freed_cpu_memory") is expected
+
+
 @pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
 def test_training_lists_apply_the_allocator_setting(names):
     """The allocator setting is process-wide, so the run applies it first, before any tensor is made."""
