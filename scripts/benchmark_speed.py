@@ -8,6 +8,7 @@ side in one run, plus inference throughput, peak memory and the machine's matmul
     python scripts/benchmark_speed.py --preset paper --inference --repeats 3     # eval-mode G, batch 64
     python scripts/benchmark_speed.py --preset paper --batch 32 --memory         # peak RSS, one process per loop
     python scripts/benchmark_speed.py --preset paper --keep-freed-memory         # glibc keeps freed memory (all loops)
+    python scripts/benchmark_speed.py --preset paper --loops authors --kept-memory-loops fast  # fast as shipped
     python scripts/benchmark_speed.py --preset paper --batch 8 --profile fast    # top operators of one iteration
 
 Loops (``--loops``, default all three):
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -213,6 +215,47 @@ class EngineLoop:
         self.trainer._iteration(self.trainer, batch)
 
 
+def _kept_memory_child(conn, name: str, args: argparse.Namespace, batch: int) -> None:
+    """Body of :class:`KeptMemoryLoop`'s process: glibc keeps freed memory here, then the loop runs each
+    ``(iteration, batch index)`` it is sent, on the same batches as the parent's, until it is sent ``None``."""
+    keep_freed_cpu_memory()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = make_batches(2, batch) + make_batches(2, args.warmup_batch)
+    step, _, _ = make_loop(name, args.preset)
+    conn.send("ready")
+    while (message := conn.recv()) is not None:
+        step(message[0], batches[message[1]])
+        conn.send("done")
+
+
+class KeptMemoryLoop:
+    """A loop in a process of its own where glibc keeps freed memory (``keep_freed_cpu_memory``, as the fast
+    presets set it), while the other loops run with the default allocator: the allocator setting is process-wide.
+    Calling it runs one iteration there and returns when it is done, so it is timed in turn with the others on
+    the same batches (``batches``: the parent's, identified by identity; the child makes the same ones)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, batch: int, batches: list[dict]) -> None:
+        self.batches = batches
+        self.conn, child = multiprocessing.get_context("spawn").Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_kept_memory_child, args=(child, name, args, batch), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.conn.recv()
+
+    def __call__(self, it: int, batch: dict) -> None:
+        self.conn.send((it, next(i for i, b in enumerate(self.batches) if b is batch)))
+        self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
 def plain_layers(net: torch.nn.Module) -> torch.nn.Module:
     """Turn the bundle's faster layers (layout-aware instance norm and 1x1 conv, in-place ReLU, the critic's
     one-pixel conv) back into plain ``nn.Conv2d`` / ``nn.InstanceNorm2d`` / ``nn.ReLU``: the layers the authors'
@@ -287,6 +330,8 @@ def time_training(args: argparse.Namespace) -> dict:
     data = make_batches(2, batch)
     warm = make_batches(2, args.warmup_batch)
     loops = {name: make_loop(name, args.preset)[0] for name in args.loops}
+    for name in args.kept_memory_loops:
+        loops[f"{name}, kept memory"] = KeptMemoryLoop(name, args, batch, data + warm)
     for name, step in loops.items():  # warm-up: first-call costs (Adam states, oneDNN set-up, allocations)
         t = clock()
         step(1, warm[0])
@@ -319,6 +364,9 @@ def time_training(args: argparse.Namespace) -> dict:
                 f"load {load():.1f}",
                 flush=True,
             )
+    for step in loops.values():
+        if isinstance(step, KeptMemoryLoop):
+            step.close()
     flops_c, flops_g = authors_flops(args.preset, batch)
     mm = statistics.median(rates)
     rows = {}
@@ -518,6 +566,14 @@ def main() -> None:
         "--keep-freed-memory",
         action="store_true",
         help="glibc keeps freed memory for reuse (bundle.environment.keep_freed_cpu_memory), for every loop",
+    )
+    parser.add_argument(
+        "--kept-memory-loops",
+        nargs="+",
+        choices=LOOPS + EXTRA_LOOPS,
+        default=[],
+        help="training: these loops also run in a process of their own with glibc keeping freed memory (the fast "
+        "presets' setting), timed in turn with the others, which keep the default allocator",
     )
     parser.add_argument("--memory-child", choices=LOOPS + EXTRA_LOOPS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
