@@ -239,10 +239,9 @@ class KeptMemoryLoop:
 
     def __init__(self, name: str, args: argparse.Namespace, batch: int, batches: list[dict]) -> None:
         self.batches = batches
-        self.conn, child = multiprocessing.get_context("spawn").Pipe()
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_kept_memory_child, args=(child, name, args, batch), daemon=True
-        )
+        spawn = multiprocessing.get_context("spawn")
+        self.conn, child = spawn.Pipe()
+        self.process = spawn.Process(target=_kept_memory_child, args=(child, name, args, batch), daemon=True)
         self.process.start()
         child.close()
         self.conn.recv()
