@@ -2,21 +2,22 @@
 # One short GPU check (under 10 minutes on an H100/H200), in stages, each with its own time limit so that a failing
 # stage costs only its own result. Logs and tables go to $OUT (default: runs/gpu_check).
 #
-#   tests     the CUDA tests (tests/test_cuda_graphs.py: whole-iteration CUDA graphs train as eager code)
+#   tests     the CUDA tests (tests/test_cuda_graphs.py: whole-iteration CUDA graphs train as eager code;
+#             tests/test_fused_instance_norm.py: the Triton instance-norm kernels against PyTorch's)
 #   speed     training loops, paper preset, batch 32: authors, fast, fast + bf16, and both as CUDA graphs
-#   memory    peak memory of fast + bf16, eager and as CUDA graphs
-#   profile   top operators of one eager fast + bf16 iteration pair, and a Chrome trace
+#   memory    peak memory of fast + bf16 as CUDA graphs, with and without the fused instance norm
+#   profile   top operators of one eager fast + bf16 iteration pair (PROFILE_LOOP), and a Chrome trace
 #   inference eval-mode generator throughput, batch 64
 #   compiled  fast + bf16 with torch.compile of the generator (minutes of compilation)
 #   quality   the cpu preset on Kermany with presets/gpu.json (+ cuda_graphs), seeds 0 and 1, side by side
 #
-#   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed memory profile"
+#   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed memory profile inference"
 #   STAGES=quality QUALITY_MINUTES=3 bash scripts/benchmark_gpu.sh # data in ${DATA_ROOT:-../shared/data}
 set -u
 OUT=${OUT:-runs/gpu_check}
 DATA_ROOT=${DATA_ROOT:-../shared/data}
 QUALITY_MINUTES=${QUALITY_MINUTES:-2}
-STAGES=${STAGES:-tests speed memory profile}
+STAGES=${STAGES:-tests speed memory profile inference}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -33,17 +34,20 @@ stage() {  # stage SECONDS ARGS...: one benchmark_speed.py run
     echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 if has tests; then
-    timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee -a "$log" | tail -15
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_instance_norm.py tests/test_cuda_graphs.py 2>&1 |
+        tee -a "$log" | tail -15
 fi
 if has speed; then
     stage 200 --preset paper --batch 32 --repeats 3 --iters 10 \
-        --loops ${SPEED_LOOPS:-authors fast fast_bf16 fast_graphs fast_bf16_graphs} --json "$OUT/speed_train.json"
+        --loops ${SPEED_LOOPS:-authors fast_bf16 fast_graphs fast_fusednorm_graphs fast_bf16_graphs fast_bf16_fusednorm_graphs} \
+        --json "$OUT/speed_train.json"
 fi
 if has memory; then
-    stage 90 --preset paper --batch 32 --memory --loops fast_bf16 fast_bf16_graphs --json "$OUT/speed_memory.json"
+    stage 90 --preset paper --batch 32 --memory --loops fast_bf16_graphs fast_bf16_fusednorm_graphs --json "$OUT/speed_memory.json"
 fi
 if has profile; then
-    stage 60 --preset paper --batch 32 --profile fast_bf16 --rows 25 --trace "$OUT/trace_fast_bf16.json"
+    stage 60 --preset paper --batch 32 --profile "${PROFILE_LOOP:-fast_bf16_fusednorm}" --rows 25 \
+        --trace "$OUT/trace_${PROFILE_LOOP:-fast_bf16_fusednorm}.json"
 fi
 if has inference; then
     stage 40 --preset paper --inference --inference-bf16 --repeats 5 --json "$OUT/speed_inference.json"
@@ -64,7 +68,7 @@ if has quality; then  # runs side by side on the one GPU; each stops after QUALI
             --max_minutes "$QUALITY_MINUTES" "$@" >"$OUT/quality_$name.log" 2>&1
         echo "### quality $name: exit $?" | tee -a "$log"
     }
-    for v in ${QUALITY_VARIANTS:-sagan_gpu_graphs sagan_gpu}; do
+    for v in ${QUALITY_VARIANTS:-sagan_gpu_graphs_fused sagan_gpu_graphs}; do
         for s in 0 1; do
             quality "${v}_s$s" --variants "$v" --preset cpu --seeds "$s" --num_workers 2 &
         done

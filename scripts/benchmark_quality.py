@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "sagan_fast_compiled": (["configs/presets/fast.json"], {"compile_generator": "True"}),  # + torch.compile of G
     # gpu.json with whole iterations as CUDA graphs forced on (gpu.json turns them on by itself on a CUDA device)
     "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),
+    # ... and the generator's instance norms + ReLUs as Triton kernels
+    "sagan_gpu_graphs_fused": (["configs/presets/gpu.json"], {"cuda_graphs": "True", "fused_instance_norm": "True"}),
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }

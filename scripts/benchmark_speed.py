@@ -36,7 +36,10 @@ loop): work a loop leaves out counts as speed. ``--loops fast_plain_critic`` add
 convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``configs/presets/gpu.json``);
 ``fast_compiled`` and ``fast_bf16_compiled`` also compile the generator (minutes of compilation in the warm-up);
 ``fast_graphs`` and ``fast_bf16_graphs`` run whole iterations as CUDA graphs (``cuda_graphs``; GPU only), and
-``fast_nchw_graphs`` / ``fast_nchw_bf16_graphs`` the same without ``channels_last``.
+``fast_nchw_graphs`` / ``fast_nchw_bf16_graphs`` the same without ``channels_last``. A ``fusednorm`` loop
+(``fast_bf16_fusednorm``, ``fast_fusednorm_graphs``, ``fast_bf16_fusednorm_graphs``) also runs the generator's
+instance norms and the ReLUs after them as Triton kernels (``fused_instance_norm``; CUDA only, the CPU keeps the
+unfused layers).
 ``--device cuda`` runs everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate
 beside the float32 one (on a CPU the bf16 rate is measured when a bf16 loop runs); use ``--iters 10`` or more there
 (one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the GPU stages in one go.
@@ -70,7 +73,11 @@ from bundle.environment import keep_freed_cpu_memory, machine_info  # noqa: E402
 from bundle.losses import gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
 from bundle.networks.critic import OnePixelConv2d  # noqa: E402
-from bundle.networks.generator import LayoutAwareInstanceNorm2d, LayoutAwarePointwiseConv2d  # noqa: E402
+from bundle.networks.generator import (  # noqa: E402
+    LayoutAwareInstanceNorm2d,
+    LayoutAwarePointwiseConv2d,
+    fuse_instance_norm_relu,
+)
 from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
@@ -86,6 +93,9 @@ EXTRA_LOOPS = (
     "fast_bf16_graphs",
     "fast_nchw_graphs",
     "fast_nchw_bf16_graphs",
+    "fast_bf16_fusednorm",
+    "fast_fusednorm_graphs",
+    "fast_bf16_fusednorm_graphs",
 )
 
 
@@ -277,6 +287,8 @@ def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict
         g = plain_layers(g)
     if name in ("authors", "engine", "fast_plain_critic"):
         d = plain_layers(d)
+    if "fusednorm" in name:
+        g = fuse_instance_norm_relu(g)
     if name == "authors":
         loop = AuthorsLoop(g, d, settings)
     else:
@@ -411,6 +423,10 @@ def time_inference(args: argparse.Namespace) -> dict:
     nets = {"NCHW (engine, authors)": (g_nchw, None), "channels_last (fast)": (g_cl, None)}
     if args.inference_bf16:
         nets["channels_last + bf16 autocast"] = (g_cl, torch.bfloat16)
+        if DEVICE.type == "cuda":
+            g_fused = fuse_instance_norm_relu(build(args.preset)[0]).eval().to(DEVICE)
+            g_fused.to(memory_format=torch.channels_last).load_state_dict(g_nchw.state_dict())
+            nets["channels_last + bf16 autocast + fused instance norm"] = (g_fused, torch.bfloat16)
     times: dict[str, list[float]] = {k: [] for k in nets}
     rates, loads = [], []
 

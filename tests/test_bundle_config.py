@@ -8,6 +8,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle.engines import epochs_for
+from bundle.networks.generator import FusedInstanceNormAct2d
 from bundle.settings import DEFAULT_SETTINGS
 
 from .conftest import ROOT
@@ -129,6 +130,19 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         assert bool(opt.defaults["fused"]) is on
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_instance_norm_switch_reaches_the_generator(fused, tiny_dataset, tmp_path):
+    """``fused_instance_norm`` (off in train.json) gives the trained generator the fused norm + ReLU layers."""
+    parser = config("train.json")
+    parser["dataset_dir"] = tiny_dataset
+    parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
+    parser["batch_size"] = 4
+    if fused:
+        parser["fused_instance_norm"] = True
+    g = parser.get_parsed_content("train#trainer").g_network
+    assert any(isinstance(m, FusedInstanceNormAct2d) for m in g.modules()) is fused
 
 
 def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():

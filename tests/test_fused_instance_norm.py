@@ -1,0 +1,163 @@
+# Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
+"""The ``fused_instance_norm`` switch: the generator's instance norms (+ the ReLUs after them) as Triton kernels.
+
+The kernels are checked on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess, with the
+Triton that ``scripts/setup.sh`` puts in ``.venv/triton``) and on a GPU where there is one
+(``scripts/benchmark_gpu.sh`` runs this file in its ``tests`` stage).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bundle.networks import SAGANGenerator
+from bundle.networks.generator import FusedInstanceNormAct2d, fuse_instance_norm_relu
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_SITE = ROOT / ".venv" / "triton"
+HAS_TRITON = TRITON_SITE.is_dir() or importlib.util.find_spec("triton") is not None
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA devices")
+
+# (batch, channels, height, width, affine, relu): channel counts and map sizes that leave partial blocks, a
+# second channel block, a single-pixel-wide map, and the bf16 autocast case below
+CASES = [(3, 5, 7, 6, True, True), (2, 70, 4, 4, False, True), (2, 20, 9, 9, True, False), (4, 32, 8, 8, True, True)]
+
+COMPARE = """
+import json, sys, torch, torch.nn.functional as F
+from bundle.networks.triton_instance_norm import instance_norm_act
+
+def compare(n, c, h, w, affine, relu, dtype, device):
+    gen = torch.Generator().manual_seed(n * 1000 + c)
+    x = (torch.randn(n, c, h, w, generator=gen) * 3 + 1).to(device, dtype).to(memory_format=torch.channels_last)
+    weight = torch.randn(c, generator=gen).to(device) if affine else None
+    bias = torch.randn(c, generator=gen).to(device) if affine else None
+    dy = torch.randn(n, c, h, w, generator=gen).to(device, dtype).to(memory_format=torch.channels_last)
+    inputs = [x.requires_grad_()] + ([weight.requires_grad_(), bias.requires_grad_()] if affine else [])
+    y = instance_norm_act(x, weight, bias, 1e-5, relu)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = F.group_norm(ref_inputs[0], c, *(ref_inputs[1:] if affine else [None, None]), 1e-5)
+    ref = F.relu(ref) if relu else ref
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dy.double())
+    scale = lambda t: t.abs().max().item()
+    return {
+        "dtype": str(y.dtype),
+        "channels_last": y.is_contiguous(memory_format=torch.channels_last),
+        "y": (y.double() - ref).abs().max().item() / scale(ref),
+        "grads": [(a.double() - b).abs().max().item() / scale(b) for a, b in zip(grads, ref_grads)],
+    }
+
+cases, device = json.loads(sys.argv[1]), sys.argv[2]
+out = [compare(*case[:6], getattr(torch, case[6]), device) for case in cases]
+print(json.dumps(out))
+"""
+
+
+def run_comparisons(device: str, env: dict[str, str]) -> list[dict]:
+    cases = [list(c) + ["float32"] for c in CASES] + [list(CASES[-1]) + ["bfloat16"]]
+    result = subprocess.run(
+        [sys.executable, "-c", COMPARE, json.dumps(cases), device],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check(results: list[dict]) -> None:
+    """float32: every output and gradient within 1e-5 of the float64 reference (relative to its largest value);
+    bf16: within 1e-2 (two bf16 roundings), output in the input's dtype and channels-last."""
+    for case, r in zip(CASES + [CASES[-1]], results):
+        tol = 1e-2 if r["dtype"] == "torch.bfloat16" else 1e-5
+        assert r["channels_last"], case
+        assert r["y"] < tol, (case, r)
+        assert max(r["grads"]) < tol, (case, r)
+    assert results[-1]["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (scripts/setup.sh puts it in .venv/triton)")
+def test_triton_kernels_match_group_norm_relu_in_the_interpreter():
+    """Forward and backward (input, weight and bias gradients, through the ReLU's mask) against float64
+    ``group_norm`` + ``relu``, run by Triton's interpreter on CPU tensors."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TRITON_SITE), str(ROOT), env.get("PYTHONPATH", "")) if p)
+    check(run_comparisons("cpu", env))
+
+
+@needs_cuda
+def test_triton_kernels_match_group_norm_relu_on_cuda():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("TRITON_INTERPRET", None)
+    check(run_comparisons("cuda", env))
+
+
+def test_fusing_keeps_parameters_and_cpu_results():
+    """Fusing swaps classes and drops the ReLUs it takes over: same state dict, and on the CPU (where the norms run
+    unfused) bit-identical outputs and gradients in both layouts."""
+    torch.manual_seed(0)
+    plain = SAGANGenerator(conv_dim=8, keep_prob=1.0)
+    fused = fuse_instance_norm_relu(SAGANGenerator(conv_dim=8, keep_prob=1.0))
+    fused.load_state_dict(plain.state_dict())
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    norms = [m for m in fused.modules() if isinstance(m, FusedInstanceNormAct2d)]
+    relus = [m for m in fused.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(norms) == len([m for m in plain.modules() if isinstance(m, torch.nn.InstanceNorm2d)])
+    taken_over = sum(m.relu for m in norms)
+    assert taken_over > 0 and len(relus) == sum(isinstance(m, torch.nn.ReLU) for m in plain.modules()) - taken_over
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a, b = plain.to(memory_format=layout), fused.to(memory_format=layout)
+        ya, yb = a(x), b(x)
+        assert torch.equal(ya, yb)
+        ga = torch.autograd.grad(ya.square().sum(), list(a.parameters()))
+        gb = torch.autograd.grad(yb.square().sum(), list(b.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(ga, gb))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_generator_trains_as_the_unfused_one_on_cuda(dtype):
+    """Generator output and parameter gradients, channels-last on CUDA, with and without bf16 autocast: within
+    float32 (TF32 convolutions) / bf16 rounding of the unfused generator's."""
+    torch.manual_seed(0)
+    plain = SAGANGenerator(conv_dim=16, keep_prob=1.0).cuda().to(memory_format=torch.channels_last)
+    fused = fuse_instance_norm_relu(SAGANGenerator(conv_dim=16, keep_prob=1.0)).cuda()
+    fused.to(memory_format=torch.channels_last).load_state_dict(plain.state_dict())
+    x = torch.rand(8, 1, 64, 64, device="cuda") * 2 - 1
+    outs = []
+    for net in (plain, fused):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = net(x)
+        grads = torch.autograd.grad(y.float().square().sum(), list(net.parameters()))
+        outs.append((y.float(), grads))
+    (ya, ga), (yb, gb) = outs
+    assert (ya - yb).abs().max() <= (5e-2 if dtype is not None else 1e-2) * ya.abs().max()
+    worst = max(((p - q).norm() / p.norm()).item() for p, q in zip(ga, gb) if p.norm() > 0)
+    assert worst < (0.15 if dtype is not None else 3e-2), worst
+    # the fused path ran: a norm under autocast returns the bf16 channels-last input's dtype and layout
+    # (the unfused one returns float32)
+    norm = next(m for m in fused.modules() if isinstance(m, FusedInstanceNormAct2d))
+    h = torch.randn(2, norm.num_features, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm(h.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_norm_falls_back_off_cuda():
+    """On the CPU a fused norm is the layout-aware norm followed by an in-place ReLU."""
+    m = FusedInstanceNormAct2d(4)
+    m.relu = True
+    x = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
+    assert torch.equal(m(x), F.relu(F.group_norm(x, 4, None, None, m.eps)))
