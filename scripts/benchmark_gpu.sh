@@ -34,7 +34,7 @@ stage() {  # stage SECONDS ARGS...: one benchmark_speed.py run
     echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 if has tests; then
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_instance_norm.py tests/test_cuda_graphs.py 2>&1 |
+    timeout 240 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_fused_instance_norm.py tests/test_cuda_graphs.py 2>&1 |
         tee -a "$log" | tail -15
 fi
 if has speed; then

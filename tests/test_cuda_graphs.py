@@ -73,54 +73,99 @@ def train(g, d, data, lambda_gp: float = 0.0, **switches) -> tuple[SAGANTrainer,
     return trainer, losses, events
 
 
-def loss_distance(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
-    """Largest absolute difference of any loss term at any iteration (NaN: a generator term not yet computed)."""
-    return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in y if y[k] == y[k])
-
-
-def update_distance(nets: tuple, ref: tuple, initial: tuple) -> float:
-    """||params - ref params|| / ||ref params - initial params||, over every weight of both networks (biases right
-    before an instance norm get float-rounding gradients, which Adam turns into lr-sized steps of either sign)."""
-    diff = upd = 0.0
-    for net, r, i in zip(nets, ref, initial):
-        for p, q, p0 in zip(net.parameters(), r.parameters(), i.parameters()):
-            if p.dim() > 1:
-                diff += (p - q).pow(2).sum().item()
-                upd += (q - p0).pow(2).sum().item()
-    return (diff / upd) ** 0.5
-
-
 def half(*size, device=None, dtype=None, **_) -> torch.Tensor:
     """``torch.rand`` with every draw 0.5."""
     return torch.full(size, 0.5, device=device, dtype=dtype)
 
 
-@needs_cuda
-@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
-def test_graphs_train_as_eager_code(bf16, monkeypatch):
-    """CUDA graphs differ from eager code no more than eager code differs from itself on the GPU (cuDNN's and
-    index_add's atomics make two eager runs part: on an H200, 16 iterations moved the largest weights' difference
-    to a quarter of the largest weight). Compared: every loss term of 16 iterations (the lr cut after iteration 8
-    included: a graph that kept the lr of its capture would part from eager code there) and the weights' updates;
-    plus the events in their order, and that the graphs were replayed. The gradient penalty's mixing weights are
-    fixed at 0.5 (a graph draws them from another random stream), so its double backward is compared too."""
+def copy_state(dst: SAGANTrainer, src: SAGANTrainer) -> None:
+    """Weights and optimiser states of ``src`` into ``dst``, in place (a captured graph keeps its tensors)."""
+    for net_d, net_s, opt_d, opt_s in (
+        (dst.g_network, src.g_network, dst.g_optimizer, src.g_optimizer),
+        (dst.d_network, src.d_network, dst.d_optimizer, src.d_optimizer),
+    ):
+        with torch.no_grad():
+            for p, q in zip(net_d.parameters(), net_s.parameters()):
+                p.copy_(q)
+                for key, value in opt_s.state.get(q, {}).items():
+                    opt_d.state[p][key].copy_(value)
+
+
+def step_distances(data: list[dict[str, torch.Tensor]], bf16: bool) -> list[dict[str, float]]:
+    """``data``'s iterations with an eager and a graph trainer, the graph one reset to the eager one's weights and
+    optimiser states before each: per iteration, the largest relative difference of a loss term and, per network,
+    ||graph update - eager update|| / ||eager update|| over the weights (biases right before an instance norm get
+    float-rounding gradients, which Adam turns into lr-sized steps of either sign). Also checks that both fire the
+    same events in the same order and that graphs were replayed. Fused Adam, the lr cut to a tenth after
+    iteration 8 (``LambdaLR``, as the bundle's schedule: a graph that kept the lr of its capture would update 10x
+    too much), no delta gating, the gradient penalty weighted 10 with its mixing weights fixed at 0.5 (a graph
+    draws them from another random stream), so that its double backward is compared too."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g, d = networks()
-    initial = (copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda())
+    trainers, schedulers, events = [], [], []
+    for graphs in (False, True):
+        g_run, d_run = copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda()
+        g_opt = torch.optim.Adam(g_run.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
+        d_opt = torch.optim.Adam(d_run.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
+        trainer = SAGANTrainer(
+            "cuda", 1, data, g_run, g_opt, d_run, d_opt, epoch_length=len(data), lambda_gp=10.0,
+            share_clean_patches=True, channels_last=True, autocast_dtype="bfloat16" if bf16 else None,
+            cuda_graphs=graphs,
+        )  # fmt: skip
+        fired: list[str] = []
+        for event in trainer._allowed_events:
+            if "COMPLETED" in str(event) and event not in (Events.EPOCH_COMPLETED, Events.COMPLETED):
+                trainer.add_event_handler(event, lambda _, e=event, f=fired: f.append(str(e)))
+        trainers.append(trainer)
+        events.append(fired)
+        schedulers.append(
+            [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 if t < 8 else 0.1) for o in (g_opt, d_opt)]
+        )
+    eager, graph = trainers
+    rows = []
+    for it, batch in enumerate(data, start=1):
+        if it > 1:
+            copy_state(graph, eager)
+        before = [[p.detach().clone() for p in t.g_network.parameters()] for t in trainers]
+        before_d = [[p.detach().clone() for p in t.d_network.parameters()] for t in trainers]
+        outs = []
+        for trainer in trainers:
+            trainer.state.iteration = it
+            outs.append(trainer._iteration(trainer, batch))
+        row = {"loss": max(abs(outs[1][k] - v).item() / (abs(v).item() + 1e-2) for k, v in outs[0].items() if v == v)}
+        for name, nets, start in (("g", "g_network", before), ("d", "d_network", before_d)):
+            upd = [
+                [(p - p0) for p, p0 in zip(getattr(t, nets).parameters(), b) if p.dim() > 1]
+                for t, b in zip(trainers, start)
+            ]
+            norm = sum(u.float().pow(2).sum() for u in upd[0]).item() ** 0.5
+            if norm > 0:
+                diff = sum((a - b).float().pow(2).sum() for a, b in zip(upd[1], upd[0])).item() ** 0.5
+                row[name] = diff / norm
+        rows.append(row)
+        for group in schedulers:
+            for s in group:
+                s.step()
+    assert graph._graphs.replays >= 8
+    assert events[0] == events[1] and "AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED" in events[0]
+    return rows
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_graph_iterations_step_as_eager_iterations(bf16, monkeypatch):
+    """Every iteration, from the same weights and optimiser states, a graph replay (or its eager warm-up) gives
+    the eager iteration's losses and updates within float rounding. Two whole runs cannot be compared this way:
+    cuDNN's and index_add's atomics, or another convolution algorithm inside a capture, part them by a quarter of
+    the largest weight within 16 iterations (Adam scales near-zero gradients up), in eager code alone too."""
     data = batches("cuda")
-    switches = {"share_clean_patches": True, "channels_last": True, "autocast_dtype": "bfloat16" if bf16 else None}
-    runs = [(copy.deepcopy(initial[0]), copy.deepcopy(initial[1])) for _ in range(3)]
     monkeypatch.setattr(torch, "rand", half)  # the one torch.rand of an iteration: the penalty's mixing weights
-    _, eager_losses, eager_events = train(*runs[0], data, lambda_gp=10.0, **switches)
-    _, again_losses, _ = train(*runs[1], data, lambda_gp=10.0, **switches)
-    trainer, graph_losses, graph_events = train(*runs[2], data, lambda_gp=10.0, cuda_graphs=True, **switches)
-    assert trainer._graphs.replays >= 4
-    assert graph_events == eager_events
-    assert "AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED" in eager_events
-    noise = loss_distance(again_losses, eager_losses)
-    assert loss_distance(graph_losses, eager_losses) <= 3 * noise + 1e-5
-    noise = update_distance(runs[1], runs[0], initial)
-    assert update_distance(runs[2], runs[0], initial) <= 3 * noise + 1e-5
+    rows = step_distances(data, bf16)
+    worst = {k: max(r.get(k, 0.0) for r in rows) for k in ("loss", "g", "d")}
+    print(f"graphs vs eager per step ({'bf16' if bf16 else 'float32'}): largest {worst}")
+    loss_tol, update_tol = (0.05, 0.3) if bf16 else (1e-3, 0.1)
+    assert worst["loss"] <= loss_tol, rows
+    assert worst["g"] <= update_tol and worst["d"] <= update_tol, rows
 
 
 @needs_cuda
@@ -128,13 +173,14 @@ def test_checkpointed_graph_optimizer_resumes_without_graphs():
     """A graph run's optimiser (device lr tensor, capturable steps) resumed in an eager run steps as usual."""
     g, d = networks()
     g, d = g.cuda(), d.cuda()
-    data = batches("cuda", count=4)
+    data = batches("cuda", count=8)  # the critic-only kind's third iteration is captured
     trainer, _, _ = train(g, d, data, cuda_graphs=True)
+    assert trainer._graphs.replays > 0
     state = copy.deepcopy(trainer.g_optimizer.state_dict())
     assert torch.is_tensor(state["param_groups"][0]["lr"])
     g_opt = torch.optim.Adam(g.parameters(), fused=True)
     g_opt.load_state_dict(state)
-    eager = SAGANTrainer("cuda", 1, data, g, g_opt, d, torch.optim.Adam(d.parameters()), epoch_length=4)
+    eager = SAGANTrainer("cuda", 1, data, g, g_opt, d, torch.optim.Adam(d.parameters()), epoch_length=8)
     eager.run()
     assert isinstance(g_opt.param_groups[0]["lr"], float) and not g_opt.param_groups[0]["capturable"]
 

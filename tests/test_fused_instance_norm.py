@@ -8,6 +8,7 @@ Triton that ``scripts/setup.sh`` puts in ``.venv/triton``) and on a GPU where th
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -127,32 +128,61 @@ def test_fusing_keeps_parameters_and_cpu_results():
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_fused_generator_trains_as_the_unfused_one_on_cuda(dtype):
-    """Generator output and parameter gradients, channels-last on CUDA, with and without bf16 autocast: within
-    float32 (TF32 convolutions) / bf16 rounding of the unfused generator's."""
+def test_each_fused_layer_matches_on_its_real_input():
+    """Every fused norm of a channels-last generator on CUDA, fed the input it gets in a real forward pass (bf16
+    under autocast): output within bf16 rounding of float64 ``group_norm`` (+ ``relu``), in the input's dtype and
+    layout."""
     torch.manual_seed(0)
-    plain = SAGANGenerator(conv_dim=16, keep_prob=1.0).cuda().to(memory_format=torch.channels_last)
-    fused = fuse_instance_norm_relu(SAGANGenerator(conv_dim=16, keep_prob=1.0)).cuda()
-    fused.to(memory_format=torch.channels_last).load_state_dict(plain.state_dict())
+    net = (
+        fuse_instance_norm_relu(SAGANGenerator(conv_dim=16, keep_prob=1.0)).cuda().to(memory_format=torch.channels_last)
+    )
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].detach()))
+        for m in net.modules()
+        if isinstance(m, FusedInstanceNormAct2d)
+    ]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        net(torch.rand(8, 1, 64, 64, device="cuda") * 2 - 1)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(hooks)
+    checked = 0
+    for m, x in inputs.items():
+        with torch.no_grad():
+            y = m(x)
+            w, b = (None, None) if m.weight is None else (m.weight.double(), m.bias.double())
+            ref = F.group_norm(x.double(), x.shape[1], w, b, m.eps)
+            ref = F.relu(ref) if m.relu else ref
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
+            checked += 1
+        assert (y.double() - ref).abs().max() <= 1e-2 * ref.abs().max(), m
+    assert checked >= len(inputs) // 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_generator_is_as_close_to_float32_as_the_unfused_one(dtype):
+    """Generator output, channels-last on CUDA, with and without bf16 autocast, against the unfused generator in
+    NCHW float32 without TF32: the fused one's largest error is at most twice the unfused channels-last one's in
+    float32, three times under bf16 autocast (plus 1e-5). Float rounding of any kind grows through two dozen
+    instance norms over 4x4 maps, and under autocast the fused one keeps the norms' outputs in bf16 where the
+    unfused one (CUDA autocast's float32 group norm) keeps them in float32. (CPU autocast also returns bf16; in
+    Triton's interpreter on the CPU, conv_dim 8, both were 0.23-0.25 off in bf16 and 2e-5 in float32.) The exact
+    check is the per-layer one above."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    reference = SAGANGenerator(conv_dim=16, keep_prob=1.0).cuda()
+    plain = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+    fused = fuse_instance_norm_relu(copy.deepcopy(reference)).to(memory_format=torch.channels_last)
     x = torch.rand(8, 1, 64, 64, device="cuda") * 2 - 1
-    outs = []
-    for net in (plain, fused):
+    with torch.no_grad():
+        ref = reference(x)
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            y = net(x)
-        grads = torch.autograd.grad(y.float().square().sum(), list(net.parameters()))
-        outs.append((y.float(), grads))
-    (ya, ga), (yb, gb) = outs
-    assert (ya - yb).abs().max() <= (5e-2 if dtype is not None else 1e-2) * ya.abs().max()
-    worst = max(((p - q).norm() / p.norm()).item() for p, q in zip(ga, gb) if p.norm() > 0)
-    assert worst < (0.15 if dtype is not None else 3e-2), worst
-    # the fused path ran: a norm under autocast returns the bf16 channels-last input's dtype and layout
-    # (the unfused one returns float32)
-    norm = next(m for m in fused.modules() if isinstance(m, FusedInstanceNormAct2d))
-    h = torch.randn(2, norm.num_features, 8, 8, device="cuda").to(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = norm(h.bfloat16())
-    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+            errors = [(net(x).float() - ref).abs().max().item() for net in (plain, fused)]
+    print(f"largest error against NCHW float32 ({dtype}): unfused {errors[0]:.2e}, fused {errors[1]:.2e}")
+    assert errors[1] <= (2 if dtype is None else 3) * errors[0] + 1e-5, errors
 
 
 def test_fused_norm_falls_back_off_cuda():
