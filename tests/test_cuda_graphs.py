@@ -133,9 +133,10 @@ def step_distances(data: list[dict[str, torch.Tensor]], bf16: bool) -> list[dict
             trainer.state.iteration = it
             outs.append(trainer._iteration(trainer, batch))
         row = {"loss": max(abs(outs[1][k] - v).item() / (abs(v).item() + 1e-2) for k, v in outs[0].items() if v == v)}
+        # detached: a graph node kept alive from here (the default stream) would break the next capture
         for name, nets, start in (("g", "g_network", before), ("d", "d_network", before_d)):
             upd = [
-                [(p - p0) for p, p0 in zip(getattr(t, nets).parameters(), b) if p.dim() > 1]
+                [(p.detach() - p0) for p, p0 in zip(getattr(t, nets).parameters(), b) if p.dim() > 1]
                 for t, b in zip(trainers, start)
             ]
             norm = sum(u.float().pow(2).sum() for u in upd[0]).item() ** 0.5
