@@ -146,12 +146,14 @@ def test_fused_instance_norm_switch_reaches_the_generator(fused, tiny_dataset, t
 
 
 def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
-    """``presets/gpu.json`` turns whole-iteration CUDA graphs on where the device is CUDA, off on a CPU (the
-    trainer refuses them there); ``multi_gpu_train.json`` turns them off (DistributedDataParallel)."""
+    """``presets/gpu.json`` turns whole-iteration CUDA graphs and the Triton instance norm on where the device is
+    CUDA, off on a CPU (the trainer refuses graphs there; the norm would run unfused); ``multi_gpu_train.json``
+    turns the graphs off (DistributedDataParallel)."""
     for device, expected in (("cpu", False), ("cuda", True)):
         parser = config("train.json", "presets/gpu.json")
         parser["device"] = f"$torch.device('{device}')"
         assert parser.get_parsed_content("cuda_graphs") is expected
+        assert parser.get_parsed_content("fused_instance_norm") is expected
     assert config("train.json", "presets/gpu.json", "multi_gpu_train.json").get_parsed_content("cuda_graphs") is False
 
 
