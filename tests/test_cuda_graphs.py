@@ -42,35 +42,14 @@ def batches(device: str, count: int = ITERATIONS, batch: int = 8) -> list[dict[s
     return out
 
 
-def train(g, d, data, lambda_gp: float = 0.0, **switches) -> tuple[SAGANTrainer, list[dict[str, float]], list[str]]:
-    """``len(data)`` iterations with fused Adam, the lr cut to a tenth after 8 (through ``LambdaLR``, as the
-    bundle's schedule) and no delta gating; returns the trainer, each iteration's loss terms and the events fired in
-    iteration 4."""
+def make_trainer(g, d, data, **switches) -> tuple[SAGANTrainer, list[torch.optim.lr_scheduler.LambdaLR]]:
+    """A trainer over ``data`` with fused Adam for both networks, and their schedulers (the lr cut to a tenth after
+    8 steps through ``LambdaLR``, as the bundle's schedule), for the caller to step after each iteration."""
     g_opt = torch.optim.Adam(g.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
     d_opt = torch.optim.Adam(d.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 if t < 8 else 0.1) for o in (g_opt, d_opt)]
     device = data[0]["normal"].device
-    trainer = SAGANTrainer(device, 1, data, g, g_opt, d, d_opt, epoch_length=len(data), lambda_gp=lambda_gp, **switches)
-    losses, events = [], []
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def record(engine):
-        losses.append({k: v.item() for k, v in engine.state.output.items()})
-        for s in schedulers:
-            s.step()
-
-    def note(event):
-        def handler(engine):
-            if engine.state.iteration == 4:
-                events.append(str(event))
-
-        return handler
-
-    for event in trainer._allowed_events:
-        if "COMPLETED" in str(event) and event not in (Events.EPOCH_COMPLETED, Events.COMPLETED):
-            trainer.add_event_handler(event, note(event))
-    trainer.run()
-    return trainer, losses, events
+    return SAGANTrainer(device, 1, data, g, g_opt, d, d_opt, epoch_length=len(data), **switches), schedulers
 
 
 def half(*size, device=None, dtype=None, **_) -> torch.Tensor:
@@ -104,23 +83,17 @@ def step_distances(data: list[dict[str, torch.Tensor]], bf16: bool) -> list[dict
     g, d = networks()
     trainers, schedulers, events = [], [], []
     for graphs in (False, True):
-        g_run, d_run = copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda()
-        g_opt = torch.optim.Adam(g_run.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
-        d_opt = torch.optim.Adam(d_run.parameters(), 1e-3, betas=(0.5, 0.999), fused=True)
-        trainer = SAGANTrainer(
-            "cuda", 1, data, g_run, g_opt, d_run, d_opt, epoch_length=len(data), lambda_gp=10.0,
-            share_clean_patches=True, channels_last=True, autocast_dtype="bfloat16" if bf16 else None,
-            cuda_graphs=graphs,
+        trainer, scheds = make_trainer(
+            copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda(), data, lambda_gp=10.0, share_clean_patches=True,
+            channels_last=True, autocast_dtype="bfloat16" if bf16 else None, cuda_graphs=graphs,
         )  # fmt: skip
         fired: list[str] = []
         for event in trainer._allowed_events:
             if "COMPLETED" in str(event) and event not in (Events.EPOCH_COMPLETED, Events.COMPLETED):
                 trainer.add_event_handler(event, lambda _, e=event, f=fired: f.append(str(e)))
         trainers.append(trainer)
+        schedulers.append(scheds)
         events.append(fired)
-        schedulers.append(
-            [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 if t < 8 else 0.1) for o in (g_opt, d_opt)]
-        )
     eager, graph = trainers
     rows = []
     for it, batch in enumerate(data, start=1):
@@ -175,7 +148,8 @@ def test_checkpointed_graph_optimizer_resumes_without_graphs():
     g, d = networks()
     g, d = g.cuda(), d.cuda()
     data = batches("cuda", count=8)  # the critic-only kind's third iteration is captured
-    trainer, _, _ = train(g, d, data, cuda_graphs=True)
+    trainer, _ = make_trainer(g, d, data, cuda_graphs=True)
+    trainer.run()
     assert trainer._graphs.replays > 0
     state = copy.deepcopy(trainer.g_optimizer.state_dict())
     assert torch.is_tensor(state["param_groups"][0]["lr"])
