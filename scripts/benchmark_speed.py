@@ -279,7 +279,9 @@ def plain_layers(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict, torch.nn.Module]:
+def make_loop(name: str, preset: str, eager: bool = False) -> tuple[Callable[[int, dict], None], dict, torch.nn.Module]:
+    """Loop ``name``'s iteration function, its settings and its generator; ``eager``: without CUDA graphs and
+    compilation (the same tensor work, run op by op)."""
     torch.manual_seed(0)
     g, d, settings = build(preset)
     g, d = g.to(DEVICE), d.to(DEVICE)
@@ -298,8 +300,8 @@ def make_loop(name: str, preset: str) -> tuple[Callable[[int, dict], None], dict
             settings,
             fast=name != "engine",
             bf16="bf16" in name,
-            compiled=name.endswith("compiled"),
-            graphs=name.endswith("graphs"),
+            compiled=name.endswith("compiled") and not eager,
+            graphs=name.endswith("graphs") and not eager,
             channels_last=False if "nchw" in name else None,
         )
     return loop.iteration, settings, g
@@ -332,6 +334,19 @@ def authors_flops(preset: str, batch: int) -> tuple[float, float]:
             step(it, data)
         counts.append(counter.total * batch / 2)
     return counts[0], counts[1]
+
+
+def loop_flops(name: str, preset: str, data: list[dict]) -> float:
+    """FLOPs per iteration (mean of a critic-only and a generator iteration) that loop ``name`` does on the timed
+    batches ``data``, counted on its eager form: CUDA graphs and compiled code run the same convolutions and matrix
+    products (the compiled generator's padding patches, about 5% more generator work, are not counted)."""
+    step, _, _ = make_loop(name, preset, eager=True)
+    total = 0
+    for it, batch in ((1, data[0]), (2, data[1])):
+        with FlopCount() as counter:
+            step(it, batch)
+        total += counter.total
+    return total / 2
 
 
 def time_training(args: argparse.Namespace) -> dict:
@@ -378,10 +393,17 @@ def time_training(args: argparse.Namespace) -> dict:
     for step in loops.values():
         if isinstance(step, KeptMemoryLoop):
             step.close()
+    loops.clear()  # their networks and optimiser states, before the FLOP counts build new ones
     flops_c, flops_g = authors_flops(args.preset, batch)
     mm = statistics.median(rates)
+    own_flops = {"authors": (flops_c + flops_g) / 2}
     rows = {}
     for name, ts in times.items():
+        loop = name.removesuffix(", kept memory")
+        if loop not in own_flops:
+            t = clock()
+            own_flops[loop] = loop_flops(loop, args.preset, data)
+            print(f"FLOPs of {loop} counted in {clock() - t:.1f} s", flush=True)
         per_it = statistics.median([(c + g) / 2 for c, g in ts])
         eff = (flops_c + flops_g) / 2 / per_it / 1e9
         rows[name] = {
@@ -390,6 +412,8 @@ def time_training(args: argparse.Namespace) -> dict:
             "generator_s": statistics.median([g for _, g in ts]),
             "effective_gflops": eff,
             "effective_vs_matmul": eff / mm,
+            "own_tflop_per_iteration": own_flops[loop] / 1e12,
+            "own_vs_matmul": own_flops[loop] / per_it / 1e9 / mm,
         }
         if bf16_rates:
             rows[name]["effective_vs_bf16_matmul"] = eff / statistics.median(bf16_rates)
@@ -493,6 +517,20 @@ def measure_memory(args: argparse.Namespace) -> dict:
     return {"preset": args.preset, "batch": args.batch, "memory": rows}
 
 
+# the ATen operators whose own time is convolution or matrix-product arithmetic (``aten::_convolution``'s own time is
+# the transposed convolutions', whose oneDNN call has no operator of its own)
+DENSE_OPS = {
+    "aten::convolution_backward",
+    "aten::mkldnn_convolution",
+    "aten::_convolution",
+    "aten::cudnn_convolution",
+    "aten::cudnn_convolution_transpose",
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+}
+
+
 def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -509,7 +547,15 @@ def profile(args: argparse.Namespace) -> None:
         step(4, data[1])
     print(f"# {args.profile} loop, preset {args.preset}, batch {batch}, one critic-only + one generator iteration")
     sort = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=44))
+    events = prof.key_averages()
+    print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=44))
+    attr = "self_device_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    dense = sum(getattr(e, attr) for e in events if e.key in DENSE_OPS)
+    print(
+        f"convolutions and matrix products ({', '.join(sorted(DENSE_OPS))}): {dense / 1e6:.3f} s of "
+        f"{total / 1e6:.3f} s ({100 * dense / max(total, 1):.1f}%)"
+    )
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
@@ -529,14 +575,16 @@ def print_tables(result: dict) -> None:
         print(
             "| loop | ms / iteration | critic-only ms | generator ms | x authors' time | effective GFLOP/s | x matmul |"
             + (" x bf16 matmul |" if bf16 else "")
+            + " own TFLOP / iteration | own x matmul |"
         )
-        print("|---|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|" if bf16 else "") + "---|---|")
         for name, r in result["loops"].items():
             print(
                 f"| {name} | {1e3 * r['s_per_iteration']:.1f} | {1e3 * r['critic_only_s']:.1f} | "
                 f"{1e3 * r['generator_s']:.1f} | {r.get('time_vs_authors', float('nan')):.2f} | "
                 f"{r['effective_gflops']:.0f} | {r['effective_vs_matmul']:.2f} |"
                 + (f" {r['effective_vs_bf16_matmul']:.3f} |" if bf16 else "")
+                + f" {r['own_tflop_per_iteration']:.3f} | {r['own_vs_matmul']:.2f} |"
             )
     if "inference" in result:
         print(
