@@ -1,6 +1,7 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """The machine a figure was measured on (CPU model, GPU, threads, torch), for benchmark records, what its CPU can
-do, and the process's memory allocator setting (:func:`keep_freed_cpu_memory`)."""
+do, and the process-wide settings of a run: the memory allocator (:func:`keep_freed_cpu_memory`) and cuDNN's choice
+of algorithms (:func:`set_cudnn_algorithms`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import platform
 
 import torch
+
+from .checks import require_bool
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -66,3 +69,14 @@ def keep_freed_cpu_memory(enabled: bool = True) -> bool:
         )
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def set_cudnn_algorithms(deterministic: bool, benchmark: bool) -> None:
+    """How cuDNN picks its convolution algorithms, process-wide: ``deterministic`` restricts it to algorithms that
+    give the same result on every run; ``benchmark`` times the candidates at each new input shape (in the first
+    iterations) and keeps the fastest. ``monai.utils.set_determinism`` with a seed sets (True, False), the training
+    lists' default; PyTorch's own default is (False, False), under which the GPU figures of docs/performance.md were
+    measured. Call it after ``set_determinism``. No effect on a CPU."""
+    require_bool(deterministic=deterministic, benchmark=benchmark)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = benchmark

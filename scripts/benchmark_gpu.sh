@@ -4,20 +4,23 @@
 #
 #   tests     the CUDA tests (tests/test_cuda_graphs.py: whole-iteration CUDA graphs train as eager code;
 #             tests/test_fused_instance_norm.py: the Triton instance-norm kernels against PyTorch's)
-#   speed     training loops, paper preset, batch 32: authors, fast, fast + bf16, and both as CUDA graphs
+#   speed     training loops, paper preset, batch 32 (SPEED_LOOPS): the authors' loop and the fast + bf16 CUDA-graph
+#             loops, without and with the fused instance norm, and with a channels-last critic
+#   cudnn     the fused graph loops again with cuDNN deterministic (what a training run sets through monai's
+#             set_determinism) and autotuned (cudnn.benchmark); the speed stage runs PyTorch's default flags
 #   memory    peak memory of fast + bf16 as CUDA graphs, with and without the fused instance norm
 #   profile   top operators of one eager fast + bf16 iteration pair (PROFILE_LOOP), and a Chrome trace
 #   inference eval-mode generator throughput, batch 64
 #   compiled  fast + bf16 with torch.compile of the generator (minutes of compilation)
 #   quality   the cpu preset on Kermany with presets/gpu.json (+ cuda_graphs), seeds 0 and 1, side by side
 #
-#   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed memory profile inference"
+#   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed cudnn profile"
 #   STAGES=quality QUALITY_MINUTES=3 bash scripts/benchmark_gpu.sh # data in ${DATA_ROOT:-../shared/data}
 set -u
 OUT=${OUT:-runs/gpu_check}
 DATA_ROOT=${DATA_ROOT:-../shared/data}
 QUALITY_MINUTES=${QUALITY_MINUTES:-2}
-STAGES=${STAGES:-tests speed memory profile inference}
+STAGES=${STAGES:-tests speed cudnn profile}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -39,15 +42,21 @@ if has tests; then
 fi
 if has speed; then
     stage 200 --preset paper --batch 32 --repeats 3 --iters 10 \
-        --loops ${SPEED_LOOPS:-authors fast_bf16 fast_graphs fast_fusednorm_graphs fast_bf16_graphs fast_bf16_fusednorm_graphs} \
+        --loops ${SPEED_LOOPS:-authors fast_bf16_graphs fast_bf16_fusednorm_graphs fast_bf16_fusednorm_clcritic_graphs} \
         --json "$OUT/speed_train.json"
+fi
+if has cudnn; then
+    for mode in deterministic benchmark; do
+        stage 120 --preset paper --batch 32 --repeats 3 --iters 10 --cudnn $mode \
+            --loops fast_bf16_fusednorm_graphs fast_bf16_fusednorm_clcritic_graphs --json "$OUT/speed_cudnn_$mode.json"
+    done
 fi
 if has memory; then
     stage 90 --preset paper --batch 32 --memory --loops fast_bf16_graphs fast_bf16_fusednorm_graphs --json "$OUT/speed_memory.json"
 fi
 if has profile; then
-    stage 60 --preset paper --batch 32 --profile "${PROFILE_LOOP:-fast_bf16_fusednorm}" --rows 25 \
-        --trace "$OUT/trace_${PROFILE_LOOP:-fast_bf16_fusednorm}.json"
+    stage 60 --preset paper --batch 32 --profile "${PROFILE_LOOP:-fast_bf16_fusednorm_clcritic}" --rows 25 \
+        --trace "$OUT/trace_${PROFILE_LOOP:-fast_bf16_fusednorm_clcritic}.json"
 fi
 if has inference; then
     stage 40 --preset paper --inference --inference-bf16 --repeats 5 --json "$OUT/speed_inference.json"

@@ -39,7 +39,12 @@ convolutions (an ablation); ``fast_bf16`` runs "fast" under bf16 autocast (``con
 ``fast_nchw_graphs`` / ``fast_nchw_bf16_graphs`` the same without ``channels_last``. A ``fusednorm`` loop
 (``fast_bf16_fusednorm``, ``fast_fusednorm_graphs``, ``fast_bf16_fusednorm_graphs``) also runs the generator's
 instance norms and the ReLUs after them as Triton kernels (``fused_instance_norm``; CUDA only, the CPU keeps the
-unfused layers).
+unfused layers). A ``clcritic`` loop (``fast_clcritic``, ``fast_bf16_fusednorm_clcritic``,
+``fast_bf16_fusednorm_clcritic_graphs``) puts the critic in channels-last layout too (``critic_channels_last``).
+Every loop's table row also gives the FLOPs it does itself ("own", counted once on its eager form after the timing)
+and its rate on them.
+``--cudnn deterministic`` times the loops with the cuDNN flags that a training run sets (``set_determinism``),
+``--cudnn benchmark`` autotuned; the default is PyTorch's.
 ``--device cuda`` runs everything on a GPU: synchronised timings, CUDA max allocated memory, the bf16 matmul rate
 beside the float32 one (on a CPU the bf16 rate is measured when a bf16 loop runs); use ``--iters 10`` or more there
 (one iteration takes tens of milliseconds). ``scripts/benchmark_gpu.sh`` runs the GPU stages in one go.
@@ -69,7 +74,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bundle.engines import SAGANTrainer  # noqa: E402
-from bundle.environment import keep_freed_cpu_memory, machine_info  # noqa: E402
+from bundle.environment import keep_freed_cpu_memory, machine_info, set_cudnn_algorithms  # noqa: E402
 from bundle.losses import gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
 from bundle.networks.critic import OnePixelConv2d  # noqa: E402
@@ -96,7 +101,13 @@ EXTRA_LOOPS = (
     "fast_bf16_fusednorm",
     "fast_fusednorm_graphs",
     "fast_bf16_fusednorm_graphs",
+    "fast_clcritic",
+    "fast_bf16_fusednorm_clcritic",
+    "fast_bf16_fusednorm_clcritic_graphs",
 )
+# cuDNN's algorithm choice (--cudnn): PyTorch's default, what the training lists set (monai's set_determinism), or
+# autotuned; (deterministic, benchmark) flags
+CUDNN_MODES = {"pytorch": (False, False), "deterministic": (True, False), "benchmark": (False, True)}
 
 
 def load() -> float:
@@ -199,6 +210,7 @@ class EngineLoop:
     def __init__(
         self, g: torch.nn.Module, d: torch.nn.Module, settings: dict, fast: bool, bf16: bool = False,
         compiled: bool = False, graphs: bool = False, channels_last: bool | None = None,
+        critic_channels_last: bool = False,
     ) -> None:  # fmt: skip
         opt_kw = {"fused": True} if fast else {}
         betas = tuple(settings["betas"])
@@ -215,6 +227,7 @@ class EngineLoop:
             lambda_gp=settings["lambda_gp"],
             share_clean_patches=fast,
             channels_last=fast if channels_last is None else channels_last,
+            critic_channels_last=critic_channels_last,
             autocast_dtype="bfloat16" if bf16 else None,
             compile_generator=compiled,
             cuda_graphs=graphs,
@@ -233,6 +246,7 @@ def _kept_memory_child(conn, name: str, args: argparse.Namespace, batch: int) ->
     DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_cudnn_algorithms(*CUDNN_MODES[args.cudnn])
     batches = make_batches(2, batch) + make_batches(2, args.warmup_batch)
     step, _, _ = make_loop(name, args.preset)
     conn.send("ready")
@@ -303,6 +317,7 @@ def make_loop(name: str, preset: str, eager: bool = False) -> tuple[Callable[[in
             compiled=name.endswith("compiled") and not eager,
             graphs=name.endswith("graphs") and not eager,
             channels_last=False if "nchw" in name else None,
+            critic_channels_last="clcritic" in name,
         )
     return loop.iteration, settings, g
 
@@ -511,6 +526,7 @@ def measure_memory(args: argparse.Namespace) -> dict:
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--device", args.device] + (["--keep-freed-memory"] if args.keep_freed_memory else [])
+        cmd += ["--cudnn", args.cudnn]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[name] = json.loads(out)
         print(f"memory {name}: {rows[name]}, load {load():.1f}", flush=True)
@@ -571,6 +587,7 @@ def print_tables(result: dict) -> None:
             + f"; load {', '.join(f'{v:.1f}' for v in result['load'])}; FPI patches computed by 'fast': "
             f"{result['touched_patch_fraction']:.2f}"
             + ("; freed memory kept for reuse (every loop)" if result.get("keep_freed_memory") else "")
+            + (f"; cuDNN {result['cudnn']}" if DEVICE.type == "cuda" else "")
         )
         print(
             "| loop | ms / iteration | critic-only ms | generator ms | x authors' time | effective GFLOP/s | x matmul |"
@@ -638,6 +655,13 @@ def main() -> None:
         help="training: these loops also run in a process of their own with glibc keeping freed memory (the fast "
         "presets' setting), timed in turn with the others, which keep the default allocator",
     )
+    parser.add_argument(
+        "--cudnn",
+        choices=sorted(CUDNN_MODES),
+        default="pytorch",
+        help="cuDNN's algorithm choice for every loop: PyTorch's default, 'deterministic' (what the training lists "
+        "set through monai's set_determinism, by default), or 'benchmark' (autotuned at each new shape)",
+    )
     parser.add_argument("--memory-child", choices=LOOPS + EXTRA_LOOPS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
@@ -646,6 +670,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not keep_freed_cpu_memory():
         sys.exit("--keep-freed-memory: this C library has no mallopt (not glibc)")
+    set_cudnn_algorithms(*CUDNN_MODES[args.cudnn])
     if args.memory_child:
         memory_child(args)
         return
@@ -662,6 +687,7 @@ def main() -> None:
         result = time_training(args)
     result["machine"] = info
     result["keep_freed_memory"] = args.keep_freed_memory
+    result["cudnn"] = args.cudnn
     result["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
     print_tables(result)
     if args.json:

@@ -125,6 +125,7 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     trainer = parser.get_parsed_content("train#trainer")
     on = bool(presets)
     assert trainer.share_clean_patches is on and trainer.channels_last is on
+    assert trainer.critic_channels_last is False  # measured slower on the CPU; not in any preset yet
     assert parser.get_parsed_content("keep_freed_cpu_memory") is on
     conv = next(p for p in trainer.g_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
@@ -143,6 +144,18 @@ def test_fused_instance_norm_switch_reaches_the_generator(fused, tiny_dataset, t
         parser["fused_instance_norm"] = True
     g = parser.get_parsed_content("train#trainer").g_network
     assert any(isinstance(m, FusedInstanceNormAct2d) for m in g.modules()) is fused
+
+
+def test_critic_channels_last_switch_reaches_the_critic(tiny_dataset, tmp_path):
+    parser = config("train.json")
+    parser["dataset_dir"] = tiny_dataset
+    parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
+    parser["batch_size"] = 4
+    parser["critic_channels_last"] = True
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.critic_channels_last is True
+    conv = next(p for p in trainer.d_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
@@ -169,3 +182,15 @@ def test_fast_presets_keep_freed_memory_on_a_cpu_only(preset):
 def test_training_lists_apply_the_allocator_setting(names):
     """The allocator setting is process-wide, so the run applies it first, before any tensor is made."""
     assert config(*names).get("training")[0] == "$bundle.environment.keep_freed_cpu_memory(@keep_freed_cpu_memory)"
+
+
+@pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
+def test_cudnn_settings_come_after_set_determinism(names):
+    """``set_determinism`` with a seed resets cuDNN's flags, so the configured ones must be applied after it."""
+    steps = config(*names).get("training")
+    determinism = next(i for i, s in enumerate(steps) if "set_determinism" in s)
+    cudnn = steps.index("$bundle.environment.set_cudnn_algorithms(@cudnn_deterministic, @cudnn_benchmark)")
+    assert determinism < cudnn
+    parser = config(*names)
+    assert parser.get_parsed_content("cudnn_deterministic") is True  # set_determinism's own choice, as before
+    assert parser.get_parsed_content("cudnn_benchmark") is False

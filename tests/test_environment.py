@@ -49,3 +49,22 @@ def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap(switch):
         [sys.executable, "-c", PROBE, switch], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.split()
     assert out == (["64", "True", "0"] if switch == "on" else ["64", "False", "64"])
+
+
+def test_cudnn_algorithms_are_set_after_determinism():
+    import torch
+    from monai.utils import set_determinism
+
+    from bundle.environment import set_cudnn_algorithms
+
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        set_determinism(seed=0)
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+        set_cudnn_algorithms(deterministic=False, benchmark=True)
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        with pytest.raises(TypeError, match="benchmark"):
+            set_cudnn_algorithms(deterministic=False, benchmark="true")
+    finally:
+        set_determinism(seed=None)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before

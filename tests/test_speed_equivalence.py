@@ -191,8 +191,14 @@ def test_fixture_covers_touched_and_untouched_patches(setting):
 
 @pytest.mark.parametrize(
     "switches",
-    [{}, {"share_clean_patches": True}, {"channels_last": True}, {"share_clean_patches": True, "channels_last": True}],
-    ids=["engine", "shared_patches", "channels_last", "both"],
+    [
+        {},
+        {"share_clean_patches": True},
+        {"channels_last": True},
+        {"share_clean_patches": True, "channels_last": True},
+        {"share_clean_patches": True, "channels_last": True, "critic_channels_last": True},
+    ],
+    ids=["engine", "shared_patches", "channels_last", "both", "channels_last_critic"],
 )
 def test_engine_matches_straightforward_iteration(data, reference, switches):
     assert_same_training(engine_run(data, SMALL, **switches), reference, parameters(*networks(SMALL)), 1e-9)
