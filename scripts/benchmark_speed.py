@@ -83,6 +83,7 @@ from bundle.networks.generator import (  # noqa: E402
     LayoutAwarePointwiseConv2d,
     fuse_instance_norm_relu,
 )
+from bundle.networks.winograd import use_winograd_convolutions  # noqa: E402
 from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
@@ -102,6 +103,8 @@ EXTRA_LOOPS = (
     "fast_fusednorm_graphs",
     "fast_bf16_fusednorm_graphs",
     "fast_clcritic",
+    "fast_winograd",
+    "fast_winograd_compiled",
     "fast_bf16_fusednorm_clcritic",
     "fast_bf16_fusednorm_clcritic_graphs",
 )
@@ -305,6 +308,8 @@ def make_loop(name: str, preset: str, eager: bool = False) -> tuple[Callable[[in
         d = plain_layers(d)
     if "fusednorm" in name:
         g = fuse_instance_norm_relu(g)
+    if "winograd" in name:
+        g = use_winograd_convolutions(g)
     if name == "authors":
         loop = AuthorsLoop(g, d, settings)
     else:

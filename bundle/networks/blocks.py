@@ -1,12 +1,14 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """conv -> norm -> activation layers of the SAGAN generator (paper, Fig. 2 and Secs. 2.2-2.3) and critic
-(paper, Sec. 3.1, "Implementation details"), as MONAI ``Convolution`` blocks."""
+(paper, Sec. 3.1, "Implementation details"), as MONAI ``Convolution`` blocks, and the memory-layout test that the
+faster layers share."""
 
 from __future__ import annotations
 
+import torch
 from monai.networks.blocks import Convolution
 
-__all__ = ["IN_AFFINE", "IN_PLAIN", "conv_block", "up_block"]
+__all__ = ["IN_AFFINE", "IN_PLAIN", "conv_block", "up_block", "is_channels_last"]
 
 IN_AFFINE = ("instance", {"affine": True})
 IN_PLAIN = ("instance", {"affine": False})
@@ -47,3 +49,9 @@ def up_block(cin: int, cout: int) -> Convolution:
         norm=IN_AFFINE,
         bias=False,
     )
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last and not also NCHW-contiguous (one channel, or 1x1 maps, fit
+    both layouts: those count as NCHW)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

@@ -28,7 +28,8 @@ from monai.networks.blocks import ADN
 from torch import nn
 
 from ..checks import require_bool
-from .blocks import IN_PLAIN, conv_block, up_block
+from .blocks import IN_PLAIN, conv_block, is_channels_last, up_block
+from .winograd import use_winograd_convolutions
 
 __all__ = [
     "PositionalConditionEncoding",
@@ -71,22 +72,28 @@ def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def place_network(
-    network: nn.Module, device: torch.device | str, channels_last: bool = False, fused_instance_norm: bool = False
+    network: nn.Module,
+    device: torch.device | str,
+    channels_last: bool = False,
+    fused_instance_norm: bool = False,
+    winograd_convolutions: bool = False,
 ) -> nn.Module:
     """``network`` on ``device``, in channels-last memory layout if asked, with its instance norms (and the ReLUs
-    after them) fused into Triton kernels on CUDA if asked (:func:`fuse_instance_norm_relu`). Done before a
-    DistributedDataParallel wrapper is built, whose gradient buckets keep the parameters' layout at construction."""
-    require_bool(channels_last=channels_last, fused_instance_norm=fused_instance_norm)
+    after them) fused into Triton kernels on CUDA if asked (:func:`fuse_instance_norm_relu`), and with its 3x3
+    convolutions on 4x4 maps computed by Winograd's algorithm on the CPU if asked
+    (:func:`~bundle.networks.winograd.use_winograd_convolutions`). Done before a DistributedDataParallel wrapper is
+    built, whose gradient buckets keep the parameters' layout at construction."""
+    require_bool(
+        channels_last=channels_last,
+        fused_instance_norm=fused_instance_norm,
+        winograd_convolutions=winograd_convolutions,
+    )
     if fused_instance_norm:
         fuse_instance_norm_relu(network)
+    if winograd_convolutions:
+        use_winograd_convolutions(network)
     network = network.to(device)
     return network.to(memory_format=torch.channels_last) if channels_last else network
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether a 4-D tensor is stored channels-last and not also NCHW-contiguous (one channel, or 1x1 maps, fit
-    both layouts: those count as NCHW)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
