@@ -5,8 +5,8 @@ iteration written from the paper's equations (paper, Sec. 2.1, Eqs. 3-7), up to 
 The straightforward iteration runs every pass separately, as the authors' solver does: G(x_u) for the critic step,
 D(x_n) and D(G(x_u)) apart, then for the generator step G(x_u), G(x_n) and G(FPI(x_n)) again. The engine is run
 as configured today (one G pass over cat(x_u, x_n, FPI(x_n)) reused by both steps) and with its speed switches:
-``share_clean_patches`` (patches of FPI(x_n) that the pasted patch misses are taken from G(x_n)) and
-``channels_last``.
+``share_clean_patches`` (patches of FPI(x_n) that the pasted patch misses are taken from G(x_n)), ``channels_last``,
+``critic_channels_last`` and the generator's Winograd convolutions (``winograd_convolutions``).
 
 Delta masks are fixed by ``keep_prob = 1`` (no gating), so the only random draw is the gradient penalty's mixing
 weight, seeded alike. Parameters are updated with SGD, so that an update is the gradient itself: Adam divides by
@@ -29,7 +29,8 @@ import torch
 
 from bundle.engines import SAGANTrainer
 from bundle.engines.trainer import pad_to_bucket
-from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
+from bundle.networks import SAGANCritic, SAGANGenerator, split_patches, winograd
+from bundle.networks.winograd import use_winograd_convolutions
 
 B, N_ITER = 3, 4  # iterations 1..4: critic steps at every one, generator steps at 2 and 4
 LR = 0.05
@@ -124,11 +125,13 @@ def reference_run(
 
 
 def engine_run(
-    data: list[dict], setting: dict, pad_touched_patches: bool = False, **switches
+    data: list[dict], setting: dict, pad_touched_patches: bool = False, winograd: bool = False, **switches
 ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """The engine with ``switches``; ``pad_touched_patches``: the padding ``compile_generator`` turns on, in eager
-    mode (compilation takes minutes)."""
+    mode (compilation takes minutes); ``winograd``: the generator's 3x3 convolutions as :class:`WinogradConv2d`."""
     g, d = networks(setting)
+    if winograd:
+        use_winograd_convolutions(g)
     trainer = SAGANTrainer(
         device="cpu",
         max_epochs=1,
@@ -222,15 +225,30 @@ def test_without_unlabeled_images_fpi_images_are_the_fakes():
     assert_same_training(result, reference_run(data, SMALL), parameters(*networks(SMALL)), 1e-9)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_float32_run_matches_within_rounding(channels_last):
+@pytest.mark.parametrize(
+    "channels_last, winograd", [(False, False), (True, False), (True, True)], ids=["nchw", "channels_last", "winograd"]
+)
+def test_float32_run_matches_within_rounding(channels_last, winograd):
     """float32, real kernels. Compared with the straightforward loop in the same layout: the layout alone moves the
     first layer's update by about 1% of the largest update here (float32 rounding of other kernels, magnified by
     instance norms over 4x4 maps), the restructuring by about 0.01%."""
     data = batches(REAL["size"], REAL["dtype"])
-    result = engine_run(data, REAL, share_clean_patches=True, channels_last=channels_last)
+    result = engine_run(data, REAL, share_clean_patches=True, channels_last=channels_last, winograd=winograd)
     reference = reference_run(data, REAL, channels_last=channels_last)
     assert_same_training(result, reference, parameters(*networks(REAL)), 2e-3)
+
+
+def test_winograd_run_matches_in_float64(monkeypatch):
+    """At 64x64 the bottleneck's maps are 4x4, where :class:`WinogradConv2d` computes the 3x3 convolutions by
+    Winograd's F(4x4, 3x3): the whole training iteration stays the straightforward one in float64."""
+    setting = {**REAL, "dtype": torch.float64}
+    data = batches(setting["size"], setting["dtype"])
+    calls = []
+    winograd_apply = winograd._Winograd4x4.apply
+    monkeypatch.setattr(winograd._Winograd4x4, "apply", lambda *a: calls.append(a[0].shape) or winograd_apply(*a))
+    result = engine_run(data, setting, winograd=True, share_clean_patches=True, channels_last=True)
+    assert calls and all(shape[-2:] == (4, 4) for shape in calls)
+    assert_same_training(result, reference_run(data, setting), parameters(*networks(setting)), 1e-9)
 
 
 def test_shared_patches_share_their_delta_draw():

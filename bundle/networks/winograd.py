@@ -14,8 +14,6 @@ its own algorithms, so the layer keeps the ordinary convolution on GPUs.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import nn
 
@@ -43,13 +41,20 @@ _G = [
 _A_T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
 
 
-@cache
-def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 2-D transforms as Kronecker products acting on row-major flattened tiles: input (36, 16) (the 4x4 map;
-    the tile's padding ring is zero, so only B^T's middle four columns act), filter (36, 9), output (16, 36)."""
-    b = torch.tensor(_B_T, dtype=torch.float64)[:, 1:5]
-    g, a = torch.tensor(_G, dtype=torch.float64), torch.tensor(_A_T, dtype=torch.float64)
-    return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (b, g, a))
+# the 2-D transforms as Kronecker products acting on row-major flattened tiles: input (36, 16) (the 4x4 map; the
+# tile's padding ring is zero, so only B^T's middle four columns act), filter (36, 9), output (16, 36)
+_KRONECKER = tuple(
+    torch.kron(m, m)
+    for m in (
+        torch.tensor(_B_T, dtype=torch.float64)[:, 1:5],
+        torch.tensor(_G, dtype=torch.float64),
+        torch.tensor(_A_T, dtype=torch.float64),
+    )
+)
+
+
+def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(m.to(dtype=dtype, device=device) for m in _KRONECKER)
 
 
 def _tiles(x: torch.Tensor, weight: torch.Tensor, kb: torch.Tensor, kg: torch.Tensor):
@@ -105,7 +110,8 @@ class _Winograd4x4(torch.autograd.Function):
 
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that computes 4x4 float32 / float64 CPU inputs by Winograd's
-    F(4x4, 3x3) (module docstring) outside autocast and compilation; other inputs take the ordinary convolution.
+    F(4x4, 3x3) (module docstring) outside autocast; other inputs take the ordinary convolution. Under
+    ``torch.compile`` the same matrix products are traced into the compiled graph.
     Same parameters and state dict as ``nn.Conv2d``; (B, C_in, H, W) -> (B, C_out, H, W), in the input's layout.
     Differentiable once (the generator is never inside a double backward: the gradient penalty's goes through the
     critic only)."""
@@ -117,7 +123,6 @@ class WinogradConv2d(nn.Conv2d):
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
         ):
             return _Winograd4x4.apply(x, self.weight, self.bias)
         return self._conv_forward(x, self.weight, self.bias)
