@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "sagan_fast": (["configs/presets/fast.json"], {}),  # not an ablation: SAGAN with the speed switches
     "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU; CPUs with bf16)
     "sagan_fast_compiled": (["configs/presets/fast.json"], {"compile_generator": "True"}),  # + torch.compile of G
+    # the generator's 3x3 convolutions on 4x4 maps by Winograd's F(4x4, 3x3) (fast.json turns it on on a CPU)
+    "sagan_fast_winograd": (["configs/presets/fast.json"], {"winograd_convolutions": "True"}),
     # gpu.json with whole iterations as CUDA graphs forced on (gpu.json turns them on by itself on a CUDA device)
     "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),
     # ... and the generator's instance norms + ReLUs as Triton kernels

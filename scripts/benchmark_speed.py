@@ -465,6 +465,10 @@ def time_inference(args: argparse.Namespace) -> dict:
         g_nchw(x[:2])
     flops = counter.total * batch / 2
     nets = {"NCHW (engine, authors)": (g_nchw, None), "channels_last (fast)": (g_cl, None)}
+    if DEVICE.type == "cpu":
+        g_winograd = use_winograd_convolutions(build(args.preset)[0]).eval().to(memory_format=torch.channels_last)
+        g_winograd.load_state_dict(g_nchw.state_dict())
+        nets["channels_last + Winograd (fast, CPU)"] = (g_winograd, None)
     if args.inference_bf16:
         nets["channels_last + bf16 autocast"] = (g_cl, torch.bfloat16)
         if DEVICE.type == "cuda":

@@ -9,6 +9,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle.engines import epochs_for
 from bundle.networks.generator import FusedInstanceNormAct2d
+from bundle.networks.winograd import WinogradConv2d
 from bundle.settings import DEFAULT_SETTINGS
 
 from .conftest import ROOT
@@ -116,8 +117,9 @@ def test_early_stop_is_wired_and_off_by_default():
 
 @pytest.mark.parametrize("presets", [[], ["presets/fast.json"]])
 def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, tmp_path):
-    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator, fused Adam and the
-    kept freed memory on (the training list applies the last, see test_training_lists_apply_the_allocator_setting)."""
+    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator, fused Adam, the
+    kept freed memory (the training list applies it, see test_training_lists_apply_the_allocator_setting) and, on
+    the CPU, the generator's Winograd convolutions on."""
     parser = config("train.json", *presets)
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
@@ -127,6 +129,7 @@ def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, 
     assert trainer.share_clean_patches is on and trainer.channels_last is on
     assert trainer.critic_channels_last is False  # measured slower on the CPU; not in any preset yet
     assert parser.get_parsed_content("keep_freed_cpu_memory") is on
+    assert any(isinstance(m, WinogradConv2d) for m in trainer.g_network.modules()) is on
     conv = next(p for p in trainer.g_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
@@ -176,6 +179,8 @@ def test_fast_presets_keep_freed_memory_on_a_cpu_only(preset):
         parser = config("train.json", preset)
         parser["device"] = f"$torch.device('{device}')"
         assert parser.get_parsed_content("keep_freed_cpu_memory") is expected
+        if preset == "presets/fast.json":  # (gpu.json runs bf16, where the Winograd layers take the convolution)
+            assert parser.get_parsed_content("winograd_convolutions") is expected
 
 
 @pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
