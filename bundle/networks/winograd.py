@@ -57,12 +57,15 @@ def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
     return tuple(m.to(dtype=dtype, device=device) for m in _KRONECKER)
 
 
-def _tiles(x: torch.Tensor, weight: torch.Tensor, kb: torch.Tensor, kg: torch.Tensor):
-    """Transformed input (B, 36, C_in) and filters (36, C_in, C_out)."""
-    n, c, k = x.shape[0], x.shape[1], weight.shape[0]
-    v = torch.matmul(kb, x.permute(0, 2, 3, 1).reshape(n, 16, c))  # a view of a channels-last input
-    u = (kg @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(36, c, k)
-    return v, u
+def _input_tiles(x: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """(B, C_in, 4, 4) -> the transformed tiles (B, 36, C_in)."""
+    return torch.matmul(kb, x.permute(0, 2, 3, 1).reshape(x.shape[0], 16, x.shape[1]))  # a view if channels-last
+
+
+def _filter_tiles(weight: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> the transformed filters (36, C_in, C_out)."""
+    k, c = weight.shape[0], weight.shape[1]
+    return (kg @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(36, c, k)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -76,9 +79,8 @@ class _Winograd4x4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         kb, kg, ka = _transforms(x.dtype, x.device)
-        v, u = _tiles(x, weight, kb, kg)
         n, k = x.shape[0], weight.shape[0]
-        m = torch.bmm(v.transpose(0, 1), u)  # (36, B, C_out)
+        m = torch.bmm(_input_tiles(x, kb).transpose(0, 1), _filter_tiles(weight, kg))  # (36, B, C_out)
         y = (ka @ m.view(36, n * k)).view(4, 4, n, k).permute(2, 3, 0, 1).contiguous(memory_format=_layout(x))
         if bias is not None:
             y += bias.view(1, k, 1, 1)
@@ -92,15 +94,14 @@ class _Winograd4x4(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         n, c, k = x.shape[0], x.shape[1], weight.shape[0]
         kb, kg, ka = _transforms(x.dtype, x.device)
-        v, u = _tiles(x, weight, kb, kg)
         grad_m = (ka.t() @ grad.permute(2, 3, 0, 1).reshape(16, n * k)).view(36, n, k)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_v = torch.bmm(grad_m, u.transpose(1, 2))  # (36, B, C_in)
+            grad_v = torch.bmm(grad_m, _filter_tiles(weight, kg).transpose(1, 2))  # (36, B, C_in)
             grad_x = (kb.t() @ grad_v.view(36, n * c)).view(4, 4, n, c).permute(2, 3, 0, 1)
             grad_x = grad_x.contiguous(memory_format=_layout(x))
         if ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(v.permute(1, 2, 0), grad_m)  # (36, C_in, C_out)
+            grad_u = torch.bmm(_input_tiles(x, kb).permute(1, 2, 0), grad_m)  # (36, C_in, C_out)
             grad_w = (kg.t() @ grad_u.view(36, c * k)).view(3, 3, c, k).permute(3, 2, 0, 1)
             grad_w = grad_w.contiguous(memory_format=_layout(weight))
         if ctx.has_bias and ctx.needs_input_grad[2]:
