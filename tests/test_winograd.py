@@ -78,6 +78,7 @@ def test_swaps_only_plain_3x3_stride_1_convolutions():
         for m in g.modules()
         if type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
     ]
+    assert len(eligible) < sum(type(m) is nn.Conv2d for m in g.modules())  # strided and 1x1 convs stay
     use_winograd_convolutions(g)
     swapped = [m for m in g.modules() if isinstance(m, WinogradConv2d)]
     assert swapped and [id(m) for m in swapped] == [id(m) for m in eligible]

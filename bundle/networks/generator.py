@@ -28,7 +28,7 @@ from monai.networks.blocks import ADN
 from torch import nn
 
 from ..checks import require_bool
-from .blocks import IN_PLAIN, conv_block, is_channels_last, up_block
+from .blocks import IN_PLAIN, conv_block, is_channels_last, is_plain_conv2d, up_block
 from .winograd import use_winograd_convolutions
 
 __all__ = [
@@ -187,14 +187,7 @@ def _use_faster_layers(module: nn.Module) -> None:
     for m in module.modules():
         if type(m) is nn.InstanceNorm2d and not m.track_running_stats:
             m.__class__ = LayoutAwareInstanceNorm2d
-        elif (
-            type(m) is nn.Conv2d
-            and m.kernel_size == (1, 1)
-            and m.stride == (1, 1)
-            and m.padding == (0, 0)
-            and m.dilation == (1, 1)
-            and m.groups == 1
-        ):
+        elif is_plain_conv2d(m, kernel_size=1, padding=0):
             m.__class__ = LayoutAwarePointwiseConv2d
         elif isinstance(m, ADN) and list(m._modules) == ["N", "A"] and type(m.A) is nn.ReLU:
             m.A.inplace = True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import is_channels_last
+from .blocks import is_channels_last, is_plain_conv2d
 
 __all__ = ["WinogradConv2d", "use_winograd_convolutions"]
 
@@ -133,14 +133,6 @@ def use_winograd_convolutions(module: nn.Module) -> nn.Module:
     """Turn every plain 3x3, stride-1, padding-1 ``nn.Conv2d`` under ``module`` into a :class:`WinogradConv2d`
     (only the class changes: parameters, state-dict keys and GPU results stay as they were); returns ``module``."""
     for m in module.modules():
-        if (
-            type(m) is nn.Conv2d
-            and m.kernel_size == (3, 3)
-            and m.stride == (1, 1)
-            and m.padding == (1, 1)
-            and m.dilation == (1, 1)
-            and m.groups == 1
-            and m.padding_mode == "zeros"
-        ):
+        if is_plain_conv2d(m, kernel_size=3, padding=1):
             m.__class__ = WinogradConv2d
     return module
