@@ -29,7 +29,8 @@ import torch
 
 from bundle.engines import SAGANTrainer
 from bundle.engines.trainer import pad_to_bucket
-from bundle.networks import SAGANCritic, SAGANGenerator, split_patches, winograd
+from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
+from bundle.networks import winograd as winograd_layers
 from bundle.networks.winograd import use_winograd_convolutions
 
 B, N_ITER = 3, 4  # iterations 1..4: critic steps at every one, generator steps at 2 and 4
@@ -249,8 +250,9 @@ def test_winograd_run_matches_in_float64(monkeypatch):
     setting = {**REAL, "dtype": torch.float64}
     data = batches(setting["size"], setting["dtype"])
     calls = []
-    winograd_apply = winograd._Winograd4x4.apply
-    monkeypatch.setattr(winograd._Winograd4x4, "apply", lambda *a: calls.append(a[0].shape) or winograd_apply(*a))
+    function = winograd_layers._Winograd4x4
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
     result = engine_run(data, setting, winograd=True, share_clean_patches=True, channels_last=True)
     assert calls and all(shape[-2:] == (4, 4) for shape in calls)
     assert_same_training(result, reference_run(data, setting), parameters(*networks(setting)), 1e-9)
