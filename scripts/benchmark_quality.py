@@ -73,6 +73,17 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),
     # ... and the generator's instance norms + ReLUs as Triton kernels
     "sagan_gpu_graphs_fused": (["configs/presets/gpu.json"], {"cuda_graphs": "True", "fused_instance_norm": "True"}),
+    # ... and a channels-last critic with cuDNN's autotuned algorithms (what gpu.json sets on a CUDA device since 0.7.1)
+    "sagan_gpu_graphs_fused_clcritic_autotuned": (
+        ["configs/presets/gpu.json"],
+        {
+            "cuda_graphs": "True",
+            "fused_instance_norm": "True",
+            "critic_channels_last": "True",
+            "cudnn_deterministic": "False",
+            "cudnn_benchmark": "True",
+        },
+    ),
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }
