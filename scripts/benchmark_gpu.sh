@@ -12,7 +12,7 @@
 #   profile   top operators of one eager fast + bf16 iteration pair (PROFILE_LOOP), and a Chrome trace
 #   inference eval-mode generator throughput, batch 64
 #   compiled  fast + bf16 with torch.compile of the generator (minutes of compilation)
-#   quality   the cpu preset on Kermany with presets/gpu.json (+ cuda_graphs), seeds 0 and 1, side by side
+#   quality   the cpu preset on Kermany with presets/gpu.json (+ cuda_graphs), seeds QUALITY_SEEDS (0 1), side by side
 #
 #   bash scripts/benchmark_gpu.sh                                  # STAGES="tests speed cudnn profile"
 #   STAGES=quality QUALITY_MINUTES=3 bash scripts/benchmark_gpu.sh # data in ${DATA_ROOT:-../shared/data}
@@ -78,7 +78,7 @@ if has quality; then  # runs side by side on the one GPU; each stops after QUALI
         echo "### quality $name: exit $?" | tee -a "$log"
     }
     for v in ${QUALITY_VARIANTS:-sagan_gpu_graphs_fused sagan_gpu_graphs}; do
-        for s in 0 1; do
+        for s in ${QUALITY_SEEDS:-0 1}; do
             quality "${v}_s$s" --variants "$v" --preset cpu --seeds "$s" --num_workers 2 &
         done
     done
