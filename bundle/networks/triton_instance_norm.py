@@ -23,6 +23,25 @@ __all__ = ["instance_norm_act"]
 
 
 @triton.jit
+def _tile(base, start, cols, col_ok, C, L: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Offsets and mask of one (BLOCK_L, BLOCK_C) tile: rows [start, start + BLOCK_L) of the sample at ``base``,
+    the program's channels ``cols`` (channels-last: a row holds the C channels of one pixel)."""
+    rows = start + tl.arange(0, BLOCK_L)
+    return base + rows[:, None] * C + cols[None, :], (rows < L)[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU: tl.constexpr):
+    """One tile of the normalised input and of the output gradient, float32; with ``RELU`` the gradient is zero
+    where the affine output was not positive (the ReLU's backward)."""
+    xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        dy = tl.where(xhat * w[None, :] + b[None, :] > 0.0, dy, 0.0)
+    return xhat, dy
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, eps, L: tl.constexpr,
     AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -33,16 +52,12 @@ def _forward_kernel(
     base = n.to(tl.int64) * L * C
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
-        rows = start + tl.arange(0, BLOCK_L)
-        ok = (rows < L)[:, None] & col_ok[None, :]
-        offs = base + rows[:, None] * C + cols[None, :]
+        offs, ok = _tile(base, start, cols, col_ok, C, L, BLOCK_L)
         acc += tl.sum(tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32), axis=0)
     mean = acc / L
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
-        rows = start + tl.arange(0, BLOCK_L)
-        ok = (rows < L)[:, None] & col_ok[None, :]
-        offs = base + rows[:, None] * C + cols[None, :]
+        offs, ok = _tile(base, start, cols, col_ok, C, L, BLOCK_L)
         d = tl.where(ok, tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :], 0.0)
         acc += tl.sum(d * d, axis=0)
     rstd = 1.0 / tl.sqrt(acc / L + eps)
@@ -54,9 +69,7 @@ def _forward_kernel(
         scale = rstd * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     for start in range(0, L, BLOCK_L):
-        rows = start + tl.arange(0, BLOCK_L)
-        ok = (rows < L)[:, None] & col_ok[None, :]
-        offs = base + rows[:, None] * C + cols[None, :]
+        offs, ok = _tile(base, start, cols, col_ok, C, L, BLOCK_L)
         y = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * scale[None, :]
         y += shift[None, :]
         if RELU:
@@ -84,14 +97,8 @@ def _backward_kernel(
     s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
-        rows = start + tl.arange(0, BLOCK_L)
-        ok = (rows < L)[:, None] & col_ok[None, :]
-        offs = base + rows[:, None] * C + cols[None, :]
-        xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if RELU:
-            y = xhat * w[None, :] + b[None, :]
-            dy = tl.where(y > 0.0, dy, 0.0)
+        offs, ok = _tile(base, start, cols, col_ok, C, L, BLOCK_L)
+        xhat, dy = _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU)
         s1 += tl.sum(dy, axis=0)
         s2 += tl.sum(dy * xhat, axis=0)
     tl.store(sum_dy_ptr + n * C + cols, s1, mask=col_ok)
@@ -99,14 +106,8 @@ def _backward_kernel(
     m1 = s1 / L
     m2 = s2 / L
     for start in range(0, L, BLOCK_L):
-        rows = start + tl.arange(0, BLOCK_L)
-        ok = (rows < L)[:, None] & col_ok[None, :]
-        offs = base + rows[:, None] * C + cols[None, :]
-        xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if RELU:
-            y = xhat * w[None, :] + b[None, :]
-            dy = tl.where(y > 0.0, dy, 0.0)
+        offs, ok = _tile(base, start, cols, col_ok, C, L, BLOCK_L)
+        xhat, dy = _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU)
         dx = (dy - m1[None, :] - xhat * m2[None, :]) * (rstd * w)[None, :]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
