@@ -260,6 +260,30 @@ def test_position_code_reaches_the_output_only_after_the_norm(after_norm):
     assert g.hparams.get("position_code_after_norm", False) is after_norm
 
 
+@pytest.mark.parametrize("size", [6, 32])  # under 1024 pixels the CPU normalises an NCHW copy, from 1024 in place
+def test_layout_aware_instance_norm_matches_instance_norm_with_gradients(size):
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(8, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    reference = nn.InstanceNorm2d(8, affine=True).double()
+    reference.load_state_dict(norm.state_dict())
+    norm.__class__ = LayoutAwareInstanceNorm2d
+    x = (torch.randn(3, 8, size, size) * 4 + 2).to(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().contiguous().requires_grad_()
+    g = torch.randn(3, 8, size, size)
+    y = norm(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    grads = torch.autograd.grad(y, (x, norm.weight, norm.bias), g.to(memory_format=torch.channels_last))
+    y64 = reference(x64)
+    grads64 = torch.autograd.grad(y64, (x64, reference.weight, reference.bias), g.double())
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_layout_aware_instance_norm_keeps_layout_and_dtype():
     torch.manual_seed(0)
     norm = nn.InstanceNorm2d(8)

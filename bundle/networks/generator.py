@@ -96,10 +96,47 @@ def place_network(
     return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
+# PyTorch's CPU group_norm on a channels-last map of fewer pixels than this parallelises over (sample, group) and
+# reads each group's channels with a stride of C (its ``feature_map_threshold``): with one channel per group that is
+# one float per cache line, several times slower than normalising an NCHW copy (docs/performance.md)
+_CPU_CHANNELS_LAST_NORM_MIN_PIXELS = 1024
+
+
+class _InstanceNormOnNCHWCopy(torch.autograd.Function):
+    """Instance norm (one-channel groups, optional affine) of a channels-last (B, C, H, W) tensor computed on an
+    NCHW copy in ``dtype``; the output and the input gradient come back channels-last in the input's dtype (through
+    autograd's copy the gradient would stay NCHW and slow the convolution before). Saves the NCHW copy and the
+    (B, C) statistics, as ``group_norm`` saves its input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, dtype: torch.dtype):  # noqa: D102
+        n, c, h, w = x.shape
+        x_nchw = x.to(dtype, memory_format=torch.contiguous_format)
+        y, mean, rstd = torch.native_group_norm(x_nchw, weight, bias, n, c, h * w, c, eps)
+        ctx.save_for_backward(x_nchw, weight, mean, rstd)
+        ctx.input_dtype = x.dtype
+        return y.to(x.dtype, memory_format=torch.channels_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x_nchw, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x_nchw.shape
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_nchw = grad.to(x_nchw.dtype, memory_format=torch.contiguous_format)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad_nchw, x_nchw, mean, rstd, weight, n, c, h * w, c, mask
+        )
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.input_dtype, memory_format=torch.channels_last)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` (instance statistics, no running statistics) that keeps a channels-last input
     channels-last: there it computes the same normalisation as ``F.group_norm`` with one channel per group
-    (``instance_norm`` would copy the input to NCHW and return NCHW). NCHW inputs take ``instance_norm`` itself.
+    (``instance_norm`` would copy the input to NCHW and return NCHW), on the CPU for maps under 1024 pixels on an
+    NCHW copy (PyTorch's channels-last kernel is slow there). NCHW inputs take ``instance_norm`` itself.
     A bfloat16 / float16 channels-last input (autocast) is normalised in float32 and returned in its own dtype.
     Same parameters and state dict as ``nn.InstanceNorm2d``; (B, C, H, W) -> (B, C, H, W)."""
 
@@ -107,9 +144,11 @@ class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
         if is_channels_last(x) and not self.track_running_stats:
             # CPU autocast leaves group_norm in bfloat16, where it is several times slower than in float32
             # (CUDA autocast runs it in float32 anyway)
-            low = x.dtype in (torch.bfloat16, torch.float16)
-            y = F.group_norm(x.float() if low else x, x.shape[1], self.weight, self.bias, self.eps)
-            return y.to(x.dtype) if low else y
+            dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+            if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < _CPU_CHANNELS_LAST_NORM_MIN_PIXELS:
+                return _InstanceNormOnNCHWCopy.apply(x, self.weight, self.bias, self.eps, dtype)
+            y = F.group_norm(x.to(dtype), x.shape[1], self.weight, self.bias, self.eps)
+            return y.to(x.dtype)
         return F.instance_norm(
             x,
             self.running_mean,
