@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bundle.networks import SAGANGenerator
-from bundle.networks.generator import FusedInstanceNormAct2d, fuse_instance_norm_relu
+from bundle.networks.generator import FusedInstanceNormAct2d, LayoutAwareInstanceNorm2d, fuse_instance_norm_relu
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_SITE = ROOT / ".venv" / "triton"
@@ -189,5 +189,9 @@ def test_fused_norm_falls_back_off_cuda():
     """On the CPU a fused norm is the layout-aware norm followed by an in-place ReLU."""
     m = FusedInstanceNormAct2d(4)
     m.relu = True
-    x = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
-    assert torch.equal(m(x), F.relu(F.group_norm(x, 4, None, None, m.eps)))
+    plain = LayoutAwareInstanceNorm2d(4)
+    for size in (5, 32):  # under 1024 pixels the layout-aware norm works on an NCHW copy, from 1024 in place
+        x = torch.randn(2, 4, size, size).to(memory_format=torch.channels_last)
+        y = m(x)
+        assert torch.equal(y, F.relu(plain(x))) and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, F.relu(F.group_norm(x, 4, None, None, m.eps)))

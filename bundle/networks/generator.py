@@ -145,8 +145,9 @@ class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
             # CPU autocast leaves group_norm in bfloat16, where it is several times slower than in float32
             # (CUDA autocast runs it in float32 anyway)
             dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-            if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < _CPU_CHANNELS_LAST_NORM_MIN_PIXELS:
-                return _InstanceNormOnNCHWCopy.apply(x, self.weight, self.bias, self.eps, dtype)
+            if not torch.jit.is_scripting():  # (a scripted module keeps PyTorch's channels-last kernel)
+                if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < _CPU_CHANNELS_LAST_NORM_MIN_PIXELS:
+                    return self._normalise_nchw_copy(x, dtype)
             y = F.group_norm(x.to(dtype), x.shape[1], self.weight, self.bias, self.eps)
             return y.to(x.dtype)
         return F.instance_norm(
@@ -159,6 +160,10 @@ class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
         )
+
+    @torch.jit.unused
+    def _normalise_nchw_copy(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _InstanceNormOnNCHWCopy.apply(x, self.weight, self.bias, self.eps, dtype)
 
 
 class LayoutAwarePointwiseConv2d(nn.Conv2d):
