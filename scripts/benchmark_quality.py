@@ -313,7 +313,9 @@ def selection_table(selection_csv: str, dataset: str, machines: dict[str, str] |
     if not os.path.isfile(selection_csv):
         return []
     with open(selection_csv) as f:
-        rows = [r for r in csv.DictReader(f) if r["dataset"] == dataset]
+        # a rerun of a seed (same command) replaces its earlier rows, as in the main table
+        latest = {(r["command"], r["selection"]): r for r in csv.DictReader(f) if r["dataset"] == dataset}
+    rows = list(latest.values())
     if not rows:
         return []
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                     append_rows(args.csv, [row], commit=commit)
                     print(json.dumps(row), flush=True)
                 rows = selection_rows(data_root, dataset, variant, args.preset, seed, args.out_root, schedule)
-                if os.path.isfile(selection_csv):  # --selection_only again: no duplicate rows
+                if args.selection_only and os.path.isfile(selection_csv):  # scored again: no duplicate rows
                     with open(selection_csv) as f:
                         done = {(r["command"], r["selection"]) for r in csv.DictReader(f)}
                     rows = [r for r in rows if (r["command"], r["selection"]) not in done]

@@ -76,5 +76,12 @@ def test_report_counts_a_rerun_seed_once(tmp_path):
         for seed, auc in rows:
             command = f"python scripts/benchmark_quality.py --datasets d --variants sagan --preset cpu --seeds {seed}"
             f.write(f"d,sagan,cpu,{seed},0.6,{auc},{auc},{auc},1.0,1200,{command}\n")
+    with open(tmp_path / "results_selection.csv", "w") as f:
+        f.write("dataset,variant,preset,seed,selection,test_auc,test_ap,command\n")
+        for seed, auc in rows:
+            command = f"python scripts/benchmark_quality.py --datasets d --variants sagan --preset cpu --seeds {seed}"
+            f.write(f"d,sagan,cpu,{seed},val_auc,{auc},{auc},{command}\n")
     benchmark.report(str(csv_path), str(md))
-    assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | 0.800 ± 0.141 |" in md.read_text()
+    text = md.read_text()
+    assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | 0.800 ± 0.141 |" in text
+    assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | - | - |" in text  # the selection table, likewise
