@@ -1,7 +1,7 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""The machine a figure was measured on (CPU model, GPU, threads, torch), for benchmark records, what its CPU can
-do, and the process-wide settings of a run: the memory allocator (:func:`keep_freed_cpu_memory`) and cuDNN's choice
-of algorithms (:func:`set_cudnn_algorithms`)."""
+"""The machine a figure was measured on (CPU model, GPU, threads, torch) and the code's commit, for benchmark
+records, what its CPU can do, and the process-wide settings of a run: the memory allocator
+(:func:`keep_freed_cpu_memory`) and cuDNN's choice of algorithms (:func:`set_cudnn_algorithms`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -17,6 +18,27 @@ from .checks import require_bool
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+UNKNOWN_COMMIT = "unknown"
+
+
+def source_commit(root: str) -> str:
+    """The git commit of the checkout at ``root`` (``-dirty`` with uncommitted changes to tracked files), or
+    :data:`UNKNOWN_COMMIT` when ``root`` is not the top of a git checkout (a release archive, a zoo download, a copy
+    inside another repository) or git is not installed."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return UNKNOWN_COMMIT
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return UNKNOWN_COMMIT
+    return commit + ("-dirty" if dirty else "")
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, str | int | None]:

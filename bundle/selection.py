@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,9 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from .data import DatalistError, MedADDatalist, labelled_items, select_unlabeled
+from .handlers.checkpoint import write_atomic
 from .handlers.operating_point import OperatingPointHandler
+from .settings import model_file_contents, read_model
 
 __all__ = [
     "CHECKPOINT_SELECTIONS",
@@ -184,14 +187,12 @@ def model_filename(criterion: str, checkpoint_selection: str) -> str:
 
 
 def _save_atomic(obj: dict, path: str) -> None:
-    """Writes through a temporary file and a rename, so a kill leaves the previous file readable. Under
-    torch.distributed only rank 0 writes (all ranks hold the same weights; two writers would share the .tmp)."""
+    """``torch.save`` through :func:`~bundle.handlers.checkpoint.write_atomic`, so a kill leaves the previous file
+    readable. Under torch.distributed only rank 0 writes (all ranks hold the same weights)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(lambda f: torch.save(obj, f), path)
 
 
 class PseudoOperatingPoint(OperatingPointHandler):
@@ -216,12 +217,14 @@ class PseudoOperatingPoint(OperatingPointHandler):
 
 
 class BestModelSaver:
-    """Validation handler that writes ``{"model": network state dict, "settings": ...}`` to ``save_dir/filename``
-    whenever the evaluator's ``metric_name`` beats the best so far (the ``models/model.pt`` format).
+    """Validation handler that writes the network's state dict with its settings (the ``models/model.pt`` format,
+    :func:`bundle.settings.model_file_contents`) to ``save_dir/filename`` whenever the evaluator's ``metric_name``
+    beats the best so far.
 
     The settings are ``settings.state_dict()`` (an operating-point handler) plus ``metric_name`` (its value),
     ``iteration`` (the trainer's) and ``selected_by``. With ``resume`` the best so far is read from an existing
-    file, so a resumed run only replaces it with a better model (the training checkpoint does not carry it).
+    file (and from the training checkpoint, which carries :meth:`state_dict`), so a resumed run only replaces it
+    with a better model.
 
     It only writes (``rank_zero_only``: in multi-GPU training only rank 0 attaches it).
 
@@ -230,8 +233,8 @@ class BestModelSaver:
         network: the generator.
         settings: object whose ``state_dict()`` gives the settings (e.g. :class:`PseudoOperatingPoint`).
         trainer: the training engine (for the iteration recorded).
-        metric_name: the evaluator metric to maximise.
-        resume: continue the best score of an existing file.
+        metric_name: the evaluator metric to maximise (``val_auc``, ``val_pseudo_auc``).
+        resume: continue the best score of an existing file (a training checkpoint's ``state_dict`` also does).
     """
 
     def __init__(
@@ -252,12 +255,22 @@ class BestModelSaver:
         self.metric_name = metric_name
         self.best = -math.inf
         if resume and os.path.isfile(self.path):
-            stored = torch.load(self.path, map_location="cpu", weights_only=True).get("settings", {})
+            stored = read_model(self.path)[1] or {}
             self.best = float(stored.get(metric_name, -math.inf))
             logger.info(f"{self.path}: best {metric_name} so far {self.best:.4f} (resumed)")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict[str, float]:
+        """The best score so far, for the training checkpoint (an exact resume restores it)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "_saved" in state:  # a training checkpoint of bundle <= 0.7 (ignite Checkpoint state: (score, file) pairs)
+            self.best = max((float(priority) for priority, _ in state["_saved"]), default=-math.inf)
+        else:
+            self.best = float(state["best"])
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
@@ -267,7 +280,7 @@ class BestModelSaver:
         iteration = self.trainer.state.iteration if self.trainer is not None else None
         settings = {**self.settings.state_dict(), self.metric_name: value, "iteration": iteration}
         settings["selected_by"] = self.metric_name
-        _save_atomic({"model": self.network.state_dict(), "settings": settings}, self.path)
+        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
         logger.info(f"saved {self.path} ({self.metric_name} {value:.4f} at iteration {iteration})")
 
 
@@ -311,5 +324,5 @@ class LastModelSaver:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
         settings = {**self.settings.state_dict(), "iteration": iteration, "selected_by": "last"}
-        _save_atomic({"model": self.network.state_dict(), "settings": settings}, self.path)
+        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
         logger.info(f"saved {self.path} (the generator at iteration {iteration})")

@@ -1,9 +1,15 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """What a trained model carries: its network definition, preprocessing choices and operating thresholds.
 
-``models/model.pt`` is ``{"model": <generator state dict>, "settings": {...}}`` (MONAI's ``CheckpointLoader``,
-``ckpt_export --key_in_ckpt model`` and MONAI Label's ``checkpoint.get("model", checkpoint)`` all read it).
-``settings`` holds:
+``models/model.pt`` is the generator's plain state dict (parameter name -> tensor), the file every MONAI loader
+expects: ``monai.bundle.load``, ``CheckpointLoader`` (strict or not), ``ckpt_export`` / ``verify_net_in_out`` without
+``key_in_ckpt`` and MONAI Label's ``BundleInferTask`` all load the trained weights from it. The settings ride along
+in the state dict's ``_metadata`` (PyTorch's own per-module metadata attribute, which ``torch.save`` keeps and
+``load_state_dict`` ignores for unknown keys), under :data:`SETTINGS_KEY`; :func:`model_file_contents` writes that
+and :func:`read_model` reads it back. Files of bundle <= 0.7 (``{"model": <state dict>, "settings": {...}}``) are
+still read by :func:`read_model`; MONAI's loaders need ``key_in_ckpt="model"`` for them.
+
+The settings hold:
 
 - ``network_def``: ``{"_target_": "bundle.networks.SAGANGenerator", <constructor arguments>}``;
 - ``image_size`` (side of the square model input) and ``slice_index`` (slice of 3D inputs, or None);
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +35,9 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "SETTINGS_KEY",
+    "model_file_contents",
+    "read_model",
     "CheckpointMismatchError",
     "network_def_of",
     "load_model_settings",
@@ -60,6 +70,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
+SETTINGS_KEY = "sagan_settings"
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the configured network; the message names the differing settings."""
 
@@ -72,6 +85,16 @@ def network_def_of(network: nn.Module) -> dict[str, Any]:
     return {"_target_": f"bundle.networks.{type(network).__name__}", **hparams}
 
 
+def model_file_contents(state_dict: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> OrderedDict:
+    """What ``models/model.pt`` holds: a copy of ``state_dict`` (tensors only, so MONAI's loaders read it without
+    ``key_in_ckpt``) whose ``_metadata[SETTINGS_KEY]`` is ``settings`` (plain values: str, int, float, bool, None,
+    lists and dicts of those)."""
+    contents = OrderedDict(state_dict)
+    contents._metadata = OrderedDict(getattr(state_dict, "_metadata", None) or {})  # type: ignore[attr-defined]
+    contents._metadata[SETTINGS_KEY] = dict(settings)  # type: ignore[attr-defined]
+    return contents
+
+
 def _read_checkpoint(model_path: str) -> Mapping:
     try:
         return torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
@@ -79,6 +102,20 @@ def _read_checkpoint(model_path: str) -> Mapping:
         return torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{model_path}: not a readable model checkpoint ({type(e).__name__}: {e}).") from e
+
+
+def read_model(model_path: str) -> tuple[Mapping[str, torch.Tensor], dict[str, Any] | None]:
+    """``(generator state dict, settings)`` of a model file; settings ``None`` when it records none (a plain state
+    dict saved elsewhere). Reads the current format (:func:`model_file_contents`) and that of bundle <= 0.7
+    (``{"model": state dict, "settings": {...}}``)."""
+    checkpoint = _read_checkpoint(model_path)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{model_path}: not a model state dict (found {type(checkpoint).__name__}).")
+    if isinstance(checkpoint.get("model"), Mapping):  # bundle <= 0.7
+        stored = checkpoint.get("settings")
+        return checkpoint["model"], dict(stored) if isinstance(stored, Mapping) else None
+    stored = (getattr(checkpoint, "_metadata", None) or {}).get(SETTINGS_KEY)
+    return checkpoint, dict(stored) if isinstance(stored, Mapping) else None
 
 
 def load_model_settings(model_path: str) -> dict[str, Any]:
@@ -92,14 +129,12 @@ def load_model_settings(model_path: str) -> dict[str, Any]:
     if not os.path.isfile(model_path):
         logger.info(f"{model_path} does not exist yet: using the default (demo) settings.")
         return settings
-    checkpoint = _read_checkpoint(model_path)
-    stored = checkpoint.get("settings") if isinstance(checkpoint, Mapping) else None
-    if isinstance(stored, Mapping):
+    state, stored = read_model(model_path)
+    if stored is not None:
         settings.update(stored)
         settings["network_def"] = dict(stored.get("network_def", settings["network_def"]))
         source = "recorded in the model"
     else:
-        state = checkpoint.get("model", checkpoint)
         settings["network_def"].update(infer_generator_hparams(state))
         source = "inferred from the weights (the model records no settings)"
     net = settings["network_def"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import shlex
@@ -40,7 +39,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bundle.environment import machine_info  # noqa: E402
+from bundle.environment import machine_info, source_commit  # noqa: E402
 
 COLUMNS = [
     "dataset",
@@ -265,15 +264,9 @@ def reference_rows(data_root: str, dataset: str) -> list[dict]:  # data_root rel
     return rows
 
 
-def git_commit() -> str | None:
-    """The repository's commit (``-dirty`` with uncommitted changes to tracked files), None outside git."""
-    try:
-        run = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, check=True)
-        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
+def git_commit() -> str:
+    """The repository's commit (``-dirty`` with uncommitted changes), ``"unknown"`` outside a git checkout."""
+    return source_commit(ROOT)
 
 
 def append_rows(

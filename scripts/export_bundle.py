@@ -1,18 +1,27 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """Assemble a MONAI model-zoo bundle folder (and its zip) from this repository and a trained model.
 
-    python scripts/export_bundle.py --model models/model.pt --output_dir dist [--name sagan_xray_anomaly]
+    python scripts/export_bundle.py --model models/model.pt --metrics eval/metrics.json --output_dir dist \
+        [--name sagan_xray_anomaly]
 
 writes ``dist/<name>/`` in the zoo layout and ``dist/<name>.zip``:
 
-    configs/metadata.json    root metadata.json, version bumped (--bump) with a changelog entry
-    configs/inference.json   self-contained, with the model's own settings written in (network, size, thresholds)
+    configs/metadata.json    root metadata.json, version bumped (--bump) with a changelog entry, and eval_metrics
+                             (AUC, AP, sensitivity, specificity) from the model's own evaluation on its test split
+    configs/inference.json   self-contained, with the model's own settings written in (network, size, thresholds);
+                             its default input is sample_data/ (a few synthetic images, to check the pipeline runs)
     configs/train.json, evaluate.json, presets/, logging.conf
     bundle/                  the Python package the configs import
-    models/model.pt          the trained generator and its settings; models/model.ts: TorchScript (scripted)
-    docs/README.md, docs/data_license.txt, LICENSE
+    models/model.pt          the trained generator as a plain state dict (what ckpt_export, monai.bundle.load and
+                             MONAI Label read without key_in_ckpt); models/model.ts: TorchScript (scripted)
+    docs/README.md           the model card: this model's data and metrics first, then the bundle's documentation
+                             (results.md and performance.md beside it; links that lead out of the export are made
+                             plain text)
+    docs/data_license.txt    the terms of the data the shipped weights were trained on
+    LICENSE
     large_files.yml          path, url (a placeholder to replace by the hosting URL), hash_type, hash_val of every
-                             file over 25 MB; those files are left out of the zip
+                             file over 1 MiB (the zoo's pre-commit check-added-large-files --maxkb=1024); those
+                             files are left out of the zip
 
 The zoo's own checks (verify_metadata, verify_net_in_out, ckpt_export, a ConfigWorkflow run) are exercised on
 the exported folder by tests/test_zoo_export.py.
@@ -36,16 +45,19 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from monai.bundle import ckpt_export  # noqa: E402
 
-from bundle.settings import load_model_settings  # noqa: E402
+from bundle.demo import make_demo_dataset  # noqa: E402
+from bundle.settings import load_model_settings, model_file_contents, read_model  # noqa: E402
 
-LARGE_FILE_BYTES = 25 * 1024 * 1024  # the model zoo keeps files above this out of its repository
+LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files --maxkb=1024 refuses larger files
 # MONAI Label guesses a bundle's task from its folder name: these words would make it guess wrong
 RESERVED_WORDS = ("detection", "segmentation", "classification", "deepedit", "deepgrow")
 NAME_PATTERN = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
 SETTING_KEYS = ("image_size", "slice_index", "threshold")
+SAMPLE_SIZES = {"train": (0, 0), "unlabeled": (0, 0), "val": (0, 0), "test": (2, 2)}  # sample_data/: 4 images
 
 logger = logging.getLogger("export_bundle")
 
@@ -67,7 +79,7 @@ def bump_version(version: str, part: str) -> str:
     ]
 
 
-def exported_metadata(meta: dict, settings: dict, part: str, changelog: str, metrics: dict | None) -> dict:
+def exported_metadata(meta: dict, settings: dict, part: str, changelog: str, metrics: dict) -> dict:
     """The zoo's configs/metadata.json: version bumped, changelog entry first, the model's input size."""
     meta = json.loads(json.dumps(meta))
     version = bump_version(meta["version"], part)
@@ -77,22 +89,105 @@ def exported_metadata(meta: dict, settings: dict, part: str, changelog: str, met
     for io in ("inputs", "outputs"):
         for spec in meta["network_data_format"][io].values():
             spec["spatial_shape"] = size
-    if metrics:
-        meta["eval_metrics"] = {
-            k: float(metrics[k]) for k in ("auc", "ap", "sensitivity", "specificity") if k in metrics
-        }
+    meta["eval_metrics"] = {k: float(metrics[k]) for k in ("auc", "ap", "sensitivity", "specificity") if k in metrics}
     return meta
 
 
 def exported_inference_config(config: dict, settings: dict) -> dict:
-    """inference.json with the model's settings written in: no read of the model file at parse time."""
+    """inference.json with the model's settings written in (no read of the model file at parse time) and the
+    exported sample images as its default input."""
     config = dict(config)
+    config["dataset_dir"] = "$@bundle_root + '/sample_data'"
     config.pop("model_settings", None)
     for key in SETTING_KEYS:
         config[key] = settings[key]
     config["pixel_threshold"] = settings.get("pixel_threshold")
     config["network_def"] = dict(settings["network_def"])
     return config
+
+
+# the terms of the data sets this project trains on, by the folder name of their Med-AD root
+DATA_TERMS = {
+    "demo": "Synthetic images generated by bundle/demo.py (this bundle's own code): no patient data; Apache-2.0 like "
+    "the code.",
+    "kermany_pneumonia": 'Kermany paediatric chest X-rays: Kermany D. S. et al., "Identifying Medical Diagnoses and '
+    'Treatable Diseases by Image-Based Deep Learning", Cell 2018; Mendeley Data doi:10.17632/rscbjbr9sj, licensed '
+    "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). The copy used was re-saved at 224x224 by a third "
+    "party. Paediatric (age 1-5) anterior-posterior chest X-rays from one centre (Guangzhou Women and Children's "
+    "Medical Center).",
+    "odir_fundus": "ODIR-2019 colour fundus photographs: terms not stated where the copy came from; research "
+    "benchmarks only, do not redistribute these weights.",
+}
+MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+DOCS = ("README.md", "results.md", "performance.md")  # docs/ files copied into the export
+
+
+def check_metrics(metrics: dict, metrics_file: str, model: str) -> None:
+    """The metrics must be the model's own, on a test split (the zoo's eval_metrics are test-set figures)."""
+    checkpoint = metrics.get("checkpoint")
+    if not checkpoint or not os.path.isfile(checkpoint) or not os.path.samefile(checkpoint, model):
+        raise ValueError(
+            f"{metrics_file} evaluates {checkpoint!r}, not {model}: run `python -m monai.bundle run evaluating "
+            f"--config_file \"['configs/train.json','configs/evaluate.json']\" --model_path {model} ...` first."
+        )
+    if metrics.get("split") != "test":
+        raise ValueError(f"{metrics_file} is of the {metrics.get('split')!r} split; eval_metrics come from 'test'.")
+
+
+def data_terms(dataset: str, data_license: str | None) -> str:
+    """docs/data_license.txt: what the shipped weights were trained on and under which terms."""
+    name = os.path.basename(os.path.normpath(dataset))
+    if data_license:
+        terms = open(data_license).read().strip()
+    elif name in DATA_TERMS:
+        terms = DATA_TERMS[name]
+    else:
+        raise ValueError(
+            f"the model was trained and evaluated on {dataset!r}, whose terms this script does not know: pass "
+            "--data_license FILE with the data set's licence."
+        )
+    return (
+        f"Data of the weights in models/ (training, validation and test splits of the Med-AD folder '{name}')\n\n"
+        f"{terms}\n\nThe weights inherit these terms. The code is Apache-2.0 (LICENSE).\n"
+    )
+
+
+def model_card_header(settings: dict, metrics: dict, dataset: str) -> str:
+    """The first section of the exported docs/README.md: what this model is and how it scored."""
+    net = settings["network_def"]
+    lines = [
+        "# This bundle's model",
+        "",
+        f"- Data: `{os.path.basename(os.path.normpath(dataset))}` (terms in [data_license.txt](data_license.txt)).",
+        f"- Network: `{net['_target_'].rsplit('.', 1)[-1]}` ("
+        + ", ".join(f"{k}={v}" for k, v in net.items() if k != "_target_")
+        + f"), input {settings['image_size']}x{settings['image_size']} grey.",
+        f"- Chosen by `{settings.get('selected_by', 'val_auc')}` at iteration {settings.get('iteration')}; operating "
+        f"threshold {settings['threshold']:.6g} (abnormal when the anomaly score exceeds it).",
+        f"- Test split ({metrics.get('n_normal')} normal, {metrics.get('n_abnormal')} abnormal images): "
+        + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "ap", "sensitivity", "specificity") if k in metrics)
+        + " (sensitivity and specificity at the operating threshold).",
+        "- Research use only: not for clinical diagnosis.",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def localise_links(text: str, exported: set[str]) -> str:
+    """Relative links to files outside the export become plain text naming the repository path;
+    ``data_license.md`` becomes the exported ``data_license.txt``."""
+
+    def fix(match: re.Match) -> str:
+        label, target = match.groups()
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        path = "data_license.txt" if path == "data_license.md" else path
+        if path in exported:
+            return f"[{label}]({path}{'#' + anchor if anchor else ''})"
+        return f"{label} (`{os.path.normpath(os.path.join('docs', path))}` in the SAGAN bundle's repository)"
+
+    return MARKDOWN_LINK.sub(fix, text)
 
 
 def sha256(path: str) -> str:
@@ -118,13 +213,21 @@ def export(
     metrics_file: str | None = None,
     url_base: str = "https://REPLACE-WITH-HOSTING-URL",
     make_zip: bool = True,
+    data_license: str | None = None,
 ) -> str:
     """Writes ``output_dir/name`` (and ``output_dir/name.zip``); returns the folder."""
     check_name(name)
     settings = load_model_settings(model)
     if settings.get("threshold") is None:
         raise ValueError(f"{model} records no operating threshold: export a model trained by this bundle (>= 0.2).")
-    metrics = json.load(open(metrics_file)) if metrics_file else None
+    if not metrics_file or not os.path.isfile(metrics_file):
+        raise FileNotFoundError(
+            f"no evaluation of {model} at {metrics_file!r}: the zoo's eval_metrics come from the model's own test "
+            "split; run `python -m monai.bundle run evaluating ...` and pass its metrics.json with --metrics."
+        )
+    metrics = json.load(open(metrics_file))
+    check_metrics(metrics, metrics_file, model)
+    license_text = data_terms(metrics["dataset"], data_license)
     net = settings["network_def"]
     changelog = changelog or (
         f"model {net['_target_'].rsplit('.', 1)[-1]} ("
@@ -146,16 +249,26 @@ def export(
         meta = json.load(open(os.path.join(ROOT, "metadata.json")))
         write_json(os.path.join(configs, "metadata.json"), exported_metadata(meta, settings, bump, changelog, metrics))
         os.makedirs(os.path.join(work, "docs"))
-        shutil.copy(os.path.join(ROOT, "docs", "README.md"), os.path.join(work, "docs", "README.md"))
-        shutil.copy(os.path.join(ROOT, "docs", "data_license.md"), os.path.join(work, "docs", "data_license.txt"))
+        with open(os.path.join(work, "docs", "data_license.txt"), "w") as f:
+            f.write(license_text)
+        exported_docs = {*DOCS, "data_license.txt"}
+        for doc in DOCS:
+            text = localise_links(open(os.path.join(ROOT, "docs", doc)).read(), exported_docs)
+            if doc == "README.md":
+                text = model_card_header(settings, metrics, metrics["dataset"]) + text
+            with open(os.path.join(work, "docs", doc), "w") as f:
+                f.write(text)
         shutil.copy(os.path.join(ROOT, "LICENSE"), work)
+        sample = make_demo_dataset(os.path.join(work, ".sample"), sizes=SAMPLE_SIZES)
+        shutil.move(os.path.join(sample, "images"), os.path.join(work, "sample_data"))
+        shutil.rmtree(sample)
         os.makedirs(os.path.join(work, "models"))
-        shutil.copy(model, os.path.join(work, "models", "model.pt"))
-        ckpt_export(
+        state, _ = read_model(model)
+        torch.save(model_file_contents(state, settings), os.path.join(work, "models", "model.pt"))
+        ckpt_export(  # as the zoo's verify_bundle.py calls it: no key_in_ckpt
             net_id="network_def",
             filepath=os.path.join(work, "models", "model.ts"),
             ckpt_file=os.path.join(work, "models", "model.pt"),
-            key_in_ckpt="model",
             meta_file=os.path.join(configs, "metadata.json"),
             config_file=os.path.join(configs, "inference.json"),
             bundle_root=work,
@@ -197,14 +310,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="sagan_xray_anomaly", help="bundle name (zoo pattern)")
     parser.add_argument("--bump", choices=("patch", "minor", "major"), default="patch", help="version part to bump")
     parser.add_argument("--changelog", help="changelog entry of the new version (default: the model's settings)")
-    parser.add_argument("--metrics", help="an eval/metrics.json to record as eval_metrics in the metadata")
+    parser.add_argument(
+        "--metrics",
+        default=os.path.join("eval", "metrics.json"),
+        help="metrics.json of `run evaluating` on the model's test split: its eval_metrics, data and licence",
+    )
+    parser.add_argument("--data_license", help="a text file with the training data's terms (for unknown data sets)")
     parser.add_argument("--url_base", default="https://REPLACE-WITH-HOSTING-URL", help="URL prefix of large files")
     parser.add_argument("--no_zip", action="store_true", help="write the folder only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     folder = export(
-        args.model, args.output_dir, args.name, args.bump, args.changelog, args.metrics, args.url_base, not args.no_zip
+        args.model,
+        args.output_dir,
+        args.name,
+        args.bump,
+        args.changelog,
+        args.metrics,
+        args.url_base,
+        not args.no_zip,
+        args.data_license,
     )
     print(f"exported {folder} in {time.perf_counter() - start:.1f} s")
 

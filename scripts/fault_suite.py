@@ -424,10 +424,10 @@ def report(results: dict, args: argparse.Namespace, command: str) -> str:
         cpu = re.search(r"Model name:\s*(.+)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout)[1]
     except Exception:
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()  # fmt: skip
-    tree = (commit.stdout.strip() or "not a git checkout") + (" with uncommitted changes" if dirty else "")
+    from bundle.environment import source_commit
+
+    commit = source_commit(ROOT)
+    tree = commit.removesuffix("-dirty") + (" with uncommitted changes" if commit.endswith("-dirty") else "")
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     runs = results.get("runs", []) + [f"{now}: `{command}` ({', '.join(sorted(results.get('parts_now', [])))})"]
     out.append("Runs (parts run by each):\n\n" + "\n".join(f"- {r}" for r in runs))

@@ -9,6 +9,8 @@ import shlex
 import subprocess
 import sys
 
+from bundle.environment import UNKNOWN_COMMIT, source_commit
+
 from .conftest import ROOT
 
 spec = importlib.util.spec_from_file_location(
@@ -40,8 +42,7 @@ def test_row_reproduces_from_its_command(tiny_dataset, tmp_path):
         assert round(metrics["auc"], 4) == float(row[column])
     assert row["iterations"] == "4" and row["variant"] == "sagan" and " ".join(schedule) in row["command"]
     (run,) = [json.loads(line) for line in open(first.parent / "results_runs.jsonl")]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert run["command"] == row["command"] and run["commit"].split("-")[0] == head.strip()
+    assert run["command"] == row["command"] and run["commit"] == source_commit(ROOT)  # "unknown" in an archive copy
 
     second = tmp_path / "second" / "results.csv"
     command = shlex.split(row["command"])
@@ -85,3 +86,21 @@ def test_report_counts_a_rerun_seed_once(tmp_path):
     text = md.read_text()
     assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | 0.800 ± 0.141 |" in text
     assert "| sagan | cpu | - | 0,1 | 0.800 ± 0.141 | - | - |" in text  # the selection table, likewise
+
+
+def test_commit_is_recorded_in_a_git_checkout_and_unknown_elsewhere(tmp_path):
+    """A run records its commit; in a copy of the files without .git (a release archive, a zoo download), or one
+    that sits inside another repository, it records "unknown" instead of failing or naming the wrong commit."""
+    assert source_commit(str(tmp_path)) == UNKNOWN_COMMIT
+    repo = tmp_path / "repo"
+    (repo / "copy").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.txt").write_text("1")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert source_commit(str(repo)) == head
+    (repo / "f.txt").write_text("2")
+    assert source_commit(str(repo)) == f"{head}-dirty"
+    assert source_commit(str(repo / "copy")) == UNKNOWN_COMMIT  # an archive unpacked inside another checkout

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.settings import read_model
+
 from .conftest import ROOT
 
 TINY_NET = ["--conv_dim", "4", "--num_res_blocks", "1"]
@@ -71,9 +73,9 @@ def test_training_writes_checkpoints_and_tensorboard(trained):
     full = torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)
     assert set(full) >= {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"}
     assert full["trainer"]["iteration"] == 4
-    best = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert "stem.conv.weight" in best["model"]  # MONAI's CheckpointLoader / ckpt_export --key_in_ckpt model
-    settings = best["settings"]
+    state, settings = read_model(str(out / "models" / "model.pt"))
+    plain = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert "stem.conv.weight" in plain and all(torch.is_tensor(v) for v in plain.values())  # a plain state dict
     assert settings["network_def"] == {
         "_target_": "bundle.networks.SAGANGenerator",
         "in_channels": 1,
@@ -118,7 +120,7 @@ def test_evaluating_writes_report(trained, tiny_dataset):
     assert "RESULT auc" in log
     metrics = json.load(open(out / "eval" / "metrics.json"))
     assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["ap"] <= 1
-    settings = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]
+    settings = read_model(str(out / "models" / "model.pt"))[1]
     assert metrics["threshold"] == settings["threshold"]
     scores = {
         r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(open(out / "eval" / "scores.csv"))
@@ -170,7 +172,7 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     alone = {r[0]: (float(r[1]), r[2]) for r in csv.reader(open(one_by_one / "scores.csv"))}
     assert alone.keys() == {r[0] for r in rows}
     assert all(np.isclose(float(r[1]), alone[r[0]][0], rtol=1e-4) for r in rows)  # batching changes no score
-    threshold = torch.load(out / "models" / "model.pt", weights_only=True)["settings"]["threshold"]
+    threshold = read_model(str(out / "models" / "model.pt"))[1]["threshold"]
     assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
     heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")
     assert heat.shape[:2] == (64, 64)
@@ -221,8 +223,8 @@ def test_no_run_id_never_trains(trained, tiny_dataset, files, tmp_path):
 
 def test_checkpoint_that_does_not_fit_names_the_settings(trained, tiny_dataset, tmp_path):
     out, _, _ = trained
-    plain = tmp_path / "plain.pt"  # a bundle-0.1 style plain state dict
-    torch.save(torch.load(out / "models" / "model.pt", weights_only=True)["model"], plain)
+    plain = tmp_path / "plain.pt"  # a bundle-0.1 style plain state dict, without settings
+    torch.save(dict(read_model(str(out / "models" / "model.pt"))[0]), plain)
     proc = subprocess.run(
         [
             sys.executable,

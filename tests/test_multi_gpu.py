@@ -17,7 +17,7 @@ from monai.handlers import CheckpointLoader, LrScheduleHandler, StatsHandler, Va
 
 from bundle.distributed import DistributedPassSampler, handlers_for_this_rank, rank_seed
 from bundle.handlers import OperatingPointHandler
-from bundle.settings import generator_from_settings
+from bundle.settings import generator_from_settings, read_model
 from bundle.transforms import AnomalyScored
 
 from .conftest import ROOT
@@ -135,11 +135,11 @@ def test_rank_zero_writes_and_checkpoints_load_into_plain_networks(two_process_r
     assert {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "checkpoint_final.pt", "model.pt"} <= set(first_models)
     assert not [f for f in first_models if not f.endswith(".pt")]  # no temporary file left by two writers
     assert len(first_tensorboard) == 1  # one TensorBoard event file: rank 0's
-    best = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert not [k for k in best["model"] if k.startswith("module.")]
-    assert best["settings"]["network_def"]["conv_dim"] == 4
-    generator = generator_from_settings(best["settings"])
-    generator.load_state_dict(best["model"], strict=True)
+    state, settings = read_model(str(out / "models" / "model.pt"))
+    assert not [k for k in state if k.startswith("module.")]
+    assert settings["network_def"]["conv_dim"] == 4
+    generator = generator_from_settings(settings)
+    generator.load_state_dict(state, strict=True)
     full = torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)
     assert full["trainer"]["iteration"] == 6
     for net in ("generator", "discriminator"):
@@ -149,9 +149,9 @@ def test_rank_zero_writes_and_checkpoints_load_into_plain_networks(two_process_r
 def test_operating_point_is_that_of_the_whole_val_split(two_process_run, tiny_dataset):
     """The thresholds in model.pt (val sharded over 2 ranks, gathered) equal one process's on the whole split."""
     out = two_process_run[0]
-    best = torch.load(out / "models" / "model.pt", weights_only=True)
-    generator = generator_from_settings(best["settings"])
-    generator.load_state_dict(best["model"])
+    state, settings = read_model(str(out / "models" / "model.pt"))
+    generator = generator_from_settings(settings)
+    generator.load_state_dict(state)
     generator.eval()
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "train.json"))
@@ -170,7 +170,7 @@ def test_operating_point_is_that_of_the_whole_val_split(two_process_run, tiny_da
     single._collect(engine)
     single._choose(engine)
     for key in ("threshold", "pixel_threshold", "val_sensitivity", "val_specificity"):
-        assert best["settings"][key] == pytest.approx(single.operating_point[key], rel=1e-4), key
+        assert settings[key] == pytest.approx(single.operating_point[key], rel=1e-4), key
 
 
 def test_resume_continues_at_the_pass_of_its_iteration(two_process_run):

@@ -21,6 +21,7 @@ from bundle.selection import (
     training_sets,
     validation_items,
 )
+from bundle.settings import read_model
 
 from .conftest import ROOT
 from .test_bundle_e2e import EVAL, TRAIN, bundle_run
@@ -188,9 +189,9 @@ def test_pseudo_auc_and_threshold_by_hand(constant_dataset, tmp_path):
     settings = parser.get_parsed_content("pseudo#operating_point").state_dict()
     assert settings["threshold"] == pytest.approx(np.quantile(normal, 0.95, method="higher"), abs=1e-6)
     assert settings["threshold_source"] == "held-out normal training images"
-    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # pseudo_auc: the best is model.pt
-    assert saved["settings"]["val_pseudo_auc"] == pytest.approx(expected, abs=1e-6)
-    assert saved["settings"]["selected_by"] == "val_pseudo_auc"
+    saved = read_model(str(tmp_path / "models" / "model.pt"))[1]  # pseudo_auc: the best is model.pt
+    assert saved["val_pseudo_auc"] == pytest.approx(expected, abs=1e-6)
+    assert saved["selected_by"] == "val_pseudo_auc"
 
 
 class Settings:
@@ -220,9 +221,9 @@ def test_last_model_saver_validates_a_generator_stopped_between_validations(tmp_
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())
     LastModelSaver(str(tmp_path), "model_last.pt", net, settings, evaluator).attach(trainer)
     trainer.run(range(8), max_epochs=1)
-    saved = torch.load(tmp_path / "model_last.pt", weights_only=True)
-    assert saved["settings"] == {"threshold": 6.0, "iteration": 6, "selected_by": "last"}  # validated at 6
-    assert torch.equal(saved["model"]["weight"], net.weight)
+    state, saved = read_model(str(tmp_path / "model_last.pt"))
+    assert saved == {"threshold": 6.0, "iteration": 6, "selected_by": "last"}  # validated at 6
+    assert torch.equal(state["weight"], net.weight)
     runs = []
     evaluator.add_event_handler(Events.STARTED, lambda e: runs.append(trainer.state.iteration))
     trainer = Engine(lambda e, b: None)
@@ -230,7 +231,7 @@ def test_last_model_saver_validates_a_generator_stopped_between_validations(tmp_
     LastModelSaver(str(tmp_path), "model_last.pt", net, settings, evaluator).attach(trainer)
     trainer.run(range(8), max_epochs=1)
     assert runs == [4, 8]  # validated at the final iteration already: no extra pass
-    assert torch.load(tmp_path / "model_last.pt", weights_only=True)["settings"]["iteration"] == 8
+    assert read_model(str(tmp_path / "model_last.pt"))[1]["iteration"] == 8
 
 
 def test_best_model_saver_keeps_the_best_and_resumes(tmp_path):
@@ -242,8 +243,8 @@ def test_best_model_saver_keeps_the_best_and_resumes(tmp_path):
     for weight in (1.0, 2.0, 3.0, 4.0):
         nn.init.constant_(net.weight, weight)
         evaluator.run([0])
-    saved = torch.load(tmp_path / "model_pseudo_auc.pt", weights_only=True)
-    assert saved["settings"]["m"] == 0.8 and float(saved["model"]["weight"][0, 0]) == 2.0
+    state, saved = read_model(str(tmp_path / "model_pseudo_auc.pt"))
+    assert saved["m"] == 0.8 and float(state["weight"][0, 0]) == 2.0
     assert BestModelSaver(str(tmp_path), "model_pseudo_auc.pt", net, settings, metric_name="m", resume=True).best == 0.8
     assert BestModelSaver(str(tmp_path), "model_pseudo_auc.pt", net, settings, metric_name="m").best == -np.inf
 
@@ -278,7 +279,7 @@ def test_one_run_keeps_val_pseudo_and_last_models(three_models, tiny_dataset):
         "model_pseudo_auc.pt",
     ]
     names = ("model.pt", "model_pseudo_auc.pt", "model_last.pt")
-    settings = {f: torch.load(out / "models" / f, weights_only=True)["settings"] for f in names}
+    settings = {f: read_model(str(out / "models" / f))[1] for f in names}
     assert "val_specificity" in settings["model.pt"]  # val_auc: the val operating point, as before
     assert settings["model_pseudo_auc.pt"]["threshold_source"] == "held-out normal training images"
     assert settings["model_last.pt"]["iteration"] == 4 and "val_specificity" in settings["model_last.pt"]
@@ -315,6 +316,6 @@ def test_training_without_val_selects_by_pseudo_auc(tiny_dataset, tmp_path):
     log = bundle_run("training", *TRAIN, *common, "--checkpoint_selection", "pseudo_auc", "--pseudo_holdout_min", "2")
     assert "val_pseudo_auc" in log and "val_auc" not in log.replace("val_pseudo_auc", "")
     assert sorted(f for f in os.listdir(models) if f.startswith("model")) == ["model.pt", "model_last.pt"]
-    settings = torch.load(models / "model.pt", weights_only=True)["settings"]
+    settings = read_model(str(models / "model.pt"))[1]
     assert settings["selected_by"] == "val_pseudo_auc" and 0 < settings["threshold"] < 1
     assert settings["threshold_source"] == "held-out normal training images"

@@ -11,15 +11,16 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-from ..settings import CheckpointMismatchError, describe_mismatch
+from ..settings import CheckpointMismatchError, describe_mismatch, read_model
 
 __all__ = ["GeneratorLoader"]
 
 
 class GeneratorLoader(CheckpointLoader):
-    """``monai.handlers.CheckpointLoader`` for ``models/model.pt`` (``{"model": state dict, "settings": ...}`` or a
-    plain state dict) into ``network``. A missing file or a checkpoint that does not fit the network raises one
-    message naming the file and the differing settings instead of PyTorch's state-dict dump.
+    """``monai.handlers.CheckpointLoader`` for ``models/model.pt`` (a state dict carrying its settings, or the
+    ``{"model": state dict, "settings": ...}`` of bundle <= 0.7) into ``network``. A missing file or a checkpoint
+    that does not fit the network raises one message naming the file and the differing settings instead of
+    PyTorch's state-dict dump.
 
     Raises:
         FileNotFoundError: no model at ``load_path``.
@@ -45,6 +46,5 @@ class GeneratorLoader(CheckpointLoader):
         except RuntimeError as e:
             if "state_dict" not in str(e):
                 raise
-            checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
-            state = checkpoint.get("model", checkpoint)
+            state, _ = read_model(self.load_path)
             raise CheckpointMismatchError(describe_mismatch(self.load_path, self.network, state)) from None
