@@ -12,6 +12,18 @@ APP=scripts/monailabel_app
 PYTHON=${PYTHON:-python3}
 PIP=("$VENV/bin/python" -m pip install -q -c "$APP/constraints.txt")
 STAMP="$VENV/.setup-stamp"
+# MONAI Label's own bin/monailabel runs whatever `python` is first on PATH (so it fails without an activated
+# environment: "No module named 'monailabel'") and passes its arguments as unquoted $* (so `--conf train_overrides
+# "--iterations 50"` falls apart into words). Replace it by one that runs this environment's python with "$@".
+write_launcher() {
+    cat >"$VENV/bin/monailabel" <<'EOF'
+#!/usr/bin/env bash
+# Written by scripts/setup_monailabel.sh in place of MONAI Label's launcher: runs this environment's python (no
+# activation needed) and passes the arguments as given, quoted ones included.
+exec "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/python" -m monailabel.main "$@"
+EOF
+    chmod +x "$VENV/bin/monailabel"
+}
 stamp_now() { cat "$0" "$APP/requirements.txt" "$APP/constraints.txt" | sha256sum | cut -d' ' -f1; }
 
 check() {
@@ -43,7 +55,7 @@ EOF
 }
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_now)" ]; then
-    check && exit 0
+    check && write_launcher && exit 0
     echo "setup_monailabel.sh: $VENV fails its check; reinstalling" >&2
 fi
 
@@ -66,4 +78,5 @@ rm -f "$STAMP"
 "${PIP[@]}" --no-deps monailabel==0.8.5
 "${PIP[@]}" -r "$APP/requirements.txt"
 check
+write_launcher
 stamp_now >"$STAMP"

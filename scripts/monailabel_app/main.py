@@ -2,10 +2,10 @@
 """MONAI Label app for the SAGAN bundle: infer task ``sagan`` (anomaly score, abnormal/normal, anomaly regions as
 a label image) and train task ``sagan`` (SAGAN's recipe on the datastore's known-normal and unlabeled images).
 
-Start (from the repository root, after ``bash scripts/setup_monailabel.sh``; the ``monailabel`` launcher script runs
-whatever ``python`` is on PATH, so call the environment's python)::
+Start (from the repository root, after ``bash scripts/setup_monailabel.sh``, which also makes the environment's
+``monailabel`` launcher run its own python and pass quoted options on unchanged)::
 
-    .venv-monailabel/bin/python -m monailabel.main start_server --app scripts/monailabel_app \
+    .venv-monailabel/bin/monailabel start_server --app scripts/monailabel_app \
         --studies /path/to/studies --host 127.0.0.1 --port 8000
 
 Conf options (``--conf KEY VALUE``):
@@ -23,6 +23,7 @@ Conf options (``--conf KEY VALUE``):
     val_fraction: share of the known-normal images held out for validation (default 0.2).
     publish: ``better`` (default: publish a new model only if its validation ROC AUC is higher) or ``always``.
     work_dir, keep_work_dir: where training's temporary Med-AD folder goes, and whether to keep it.
+    warm_up: ``false`` to skip loading the result writer (ITK, 2-5 s) at start-up; the first /infer then pays it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _import_path(path: str) -> None:
 logger = logging.getLogger(__name__)
 
 
+def _is_upload(path: str, studies: str) -> bool:
+    """Whether ``path`` is the server's temporary copy of an uploaded file (not a datastore image)."""
+    return not os.path.realpath(path).startswith(os.path.realpath(studies) + os.sep)
+
+
 class SAGANApp(MONAILabelApp):
     """The SAGAN bundle in MONAI Label (see the module docstring for the conf options)."""
 
@@ -64,6 +70,9 @@ class SAGANApp(MONAILabelApp):
         if not os.path.isfile(os.path.join(self.bundle_root, "configs", "inference.json")):
             raise ValueError(f"{self.bundle_root}: not the SAGAN bundle (no configs/inference.json); set conf bundle.")
         _import_path(self.bundle_root)
+        from lib.server import install_log_filters
+
+        install_log_filters()
         remote = studies.startswith(("http://", "https://"))
         default_dir = os.path.join(app_dir, "model") if remote else os.path.join(studies, ".sagan")
         self.model_dir = os.path.realpath(conf.get("model_dir") or default_dir)
@@ -104,6 +113,7 @@ class SAGANApp(MONAILabelApp):
                 "(POST /train/sagan) has published one, or a model.pt is put there."
             )
             return None
+        logger.info(f"infer task sagan: {task.type}, labels {task.labels}, model {task.served_path()}")
         return task
 
     def init_infers(self):
@@ -132,30 +142,78 @@ class SAGANApp(MONAILabelApp):
         self._ensure_infer()
         return super().info()
 
-    def infer(self, request, datastore=None):
-        """MONAI Label's infer; an input the bundle refuses (3D without ``slice_index``, unreadable, ...) becomes
-        HTTP 422 with the reason instead of a bare 500."""
+    def on_init_complete(self) -> None:
+        """Server start-up (not run in MONAI Label's training subprocess): request hooks (train options checked on
+        arrival, uploaded files named by their own name) and the result writer warmed up, so that the first
+        ``/infer`` is as fast as the later ones."""
+        from lib.server import install_request_hooks, warm_up_writer
+
+        install_request_hooks()
+        if "sagan" in self._infers and self.conf.get("warm_up", "true").lower() != "false":
+            warm_up_writer()
+        super().on_init_complete()
+
+    def check_train_request(self, model: str, request: dict) -> None:
+        """Checks a ``POST /train/{model}`` request's options when it arrives (before MONAI Label starts the
+        background training): HTTP 422 naming the option and its rule."""
         from fastapi import HTTPException
+
+        task = self._trainers.get(model)
+        if task is None or not hasattr(task, "check_request"):
+            return
+        try:
+            task.check_request(request)
+        except MONAILabelException as e:
+            logger.error(f"POST /train/{model} refused: {e.msg}")
+            raise HTTPException(status_code=422, detail=e.msg) from e
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer; an image id not in the datastore becomes HTTP 404 naming it, an input the bundle
+        refuses (3D without ``slice_index``, unreadable, ...) HTTP 422 with one line naming the file (an upload by
+        its own name) and the reason, instead of a bare 500 or every MONAI reader's error."""
+        from fastapi import HTTPException
+        from lib.server import UPLOAD_NAME
+        from lib.transforms import short_problem
 
         from bundle.transforms import BadImageError
 
         self._ensure_infer()
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            uri = (datastore or self.datastore()).get_image_uri(image)
+            if not uri or not os.path.exists(uri):
+                detail = (
+                    f"image {image!r} is not in the datastore ({self.studies}); GET /datastore/?output=all lists "
+                    "the image ids"
+                )
+                logger.error(f"POST /infer/{request.get('model')}: {detail}")
+                raise HTTPException(status_code=404, detail=detail)
         try:
             return super().infer(request, datastore)
         except BadImageError as e:
-            hint = ' (add {"slice_index": K} to the request params)' if "slice_index" in str(e) else ""
-            raise HTTPException(status_code=422, detail=f"{e}{hint}") from e
+            path = str(e.filename)
+            upload = UPLOAD_NAME.get()
+            name = upload if upload and _is_upload(path, self.studies) else path
+            hint = ' (add {"slice_index": K} to the request params)' if "slice_index" in e.problem else ""
+            detail = f"{name}: {short_problem(e.problem, path, name)}{hint}"
+            logger.error(f"POST /infer/{request.get('model')} refused: {detail}")
+            raise HTTPException(status_code=422, detail=detail) from e
         except MONAILabelException as e:
             status = 422 if e.error == MONAILabelError.INVALID_INPUT else 500
+            logger.error(f"POST /infer/{request.get('model')} failed: {e.error.value}: {e.msg}")
             raise HTTPException(status_code=status, detail=f"{e.error.value}: {e.msg}") from e
 
     def train(self, request):
-        """MONAI Label's train; a refusal (too few known-normal images, no known-abnormal one, ...) raised in a
-        synchronous request (``run_sync=true``) becomes HTTP 422 with the reason. In the usual background run the
-        reason ends the task's log (``GET /train/``)."""
+        """MONAI Label's train. A refusal or failure (too few known-normal images, the bundle's training failing,
+        ...) in a synchronous request (``run_sync=true``) becomes HTTP 422 with the reason. In the usual background
+        run (MONAI Label's training subprocess, not in server mode) the reason is logged as the last line, without
+        a traceback, so that ``GET /train/`` (the last 20 log lines) shows it, and the subprocess exits with 1."""
         from fastapi import HTTPException
 
         try:
             return super().train(request)
         except MONAILabelException as e:
+            if not getattr(self, "_server_mode", False):
+                logger.error(f"SAGAN training failed: {e.msg}")
+                raise SystemExit(1) from None
             raise HTTPException(status_code=422, detail=f"{e.error.value}: {e.msg}") from e

@@ -96,6 +96,18 @@ def write_series(folder: str, slices: list[np.ndarray]) -> None:
         write_dicom(os.path.join(folder, f"slice{k}.dcm"), pixels, 2.0 * k, series, study, k + 1)
 
 
+def read_model(path: str) -> tuple[dict, dict | None]:
+    """``(state dict, settings)`` of a model file in either format: the bundle's plain state dict with
+    ``_metadata["sagan_settings"]`` (``bundle.settings.read_model``) or ``{"model": ..., "settings": ...}``."""
+    try:
+        from bundle.settings import read_model as bundle_read_model
+    except ImportError:  # a bundle before the plain state-dict format
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint["model"], checkpoint.get("settings")
+    state, settings = bundle_read_model(path)
+    return dict(state), settings
+
+
 def bad_model(source: str, target: str, restore_to: float) -> str:
     """A copy of the model ``source`` whose generator restores every image to about the constant ``restore_to``
     (+1: white, -1: black). The head's residual block is made to output 1 everywhere (instance-norm affine weight 0,
@@ -103,9 +115,9 @@ def bad_model(source: str, target: str, restore_to: float) -> str:
     of that at patch corners), so that x' = tanh(m + x) saturates."""
     from bundle.settings import generator_from_settings, load_model_settings
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    state, settings = read_model(source)
     net = generator_from_settings(load_model_settings(source))
-    net.load_state_dict(checkpoint["model"])
+    net.load_state_dict(state)
     block, last = net.head[0], net.head[1].conv
     with torch.no_grad():
         block.project.adn.N.weight.zero_()
@@ -115,7 +127,7 @@ def bad_model(source: str, target: str, restore_to: float) -> str:
         last.weight.fill_(20.0 * restore_to / last.weight[0].numel())
         restored = net.eval()(torch.rand(1, 1, 64, 64) * 2 - 1)
     assert torch.allclose(restored, torch.full_like(restored, restore_to), atol=0.01), "not a constant restoration"
-    torch.save({"model": net.state_dict(), "settings": checkpoint["settings"]}, target)
+    torch.save({"model": net.state_dict(), "settings": settings}, target)
     return target
 
 
@@ -123,7 +135,13 @@ def bad_model(source: str, target: str, restore_to: float) -> str:
 def app_client(studies: str, conf: dict[str, str]):
     """FastAPI's TestClient on ``monailabel.app.app`` with the SAGAN app on ``studies`` (as MONAI Label's own
     tests/unit/endpoints/context.py). The settings also go to the environment, for the background training
-    subprocess that MONAI Label starts (``python -m monailabel.interfaces.utils.app -m train``)."""
+    subprocess that MONAI Label starts (``python -m monailabel.interfaces.utils.app -m train``).
+
+    ``conf`` must name the bundle (``bundle``: e.g. the ``bundle_copy`` fixture) and the app's ``model_dir``: the
+    app's defaults are the repository itself, whose ``models/model.pt`` (what the README's demo training writes) it
+    would serve, so a test would depend on what the user did in the checkout before."""
+    missing = [k for k in ("bundle", "model_dir") if not conf.get(k)]
+    assert not missing, f"app_client: conf must set {missing} (tests must not read the checkout's models/)"
     from fastapi.testclient import TestClient
     from monailabel.app import app
     from monailabel.config import settings
@@ -206,8 +224,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def bundle_copy(tmp_path_factory) -> str:
-    """A copy of the bundle (configs, code, metadata) for the app to use, so that a test can check that nothing is
-    written into the bundle folder while other work goes on in the repository."""
+    """A copy of the bundle (configs, code, metadata; no ``models/``, ``data/``, ``runs/``, ...) for the app to use, so
+    that the tests do not depend on what a user's work left in the checkout (e.g. ``models/model.pt`` of the demo
+    training), and can check that nothing is written into the bundle folder."""
     root = tmp_path_factory.mktemp("bundle")
     for name in ("configs", "bundle"):
         shutil.copytree(

@@ -87,7 +87,7 @@ def test_split(datastore, tmp_path):
     assert set(split.val["0"]) | set(split.normal) == normal and not set(split.val["0"]) & set(split.normal)
     assert set(split.val["1"]) == {path[ids[6]], path[ids[7]]}
     assert set(split.unlabeled) == {path[i] for i in ids[9:]}
-    assert split.skipped == ["series"]
+    assert list(split.skipped) == ["series"] and "DICOM series folder" in split.skipped["series"]
     assert split_datastore(store, 4, 0.3, seed=0) == split  # deterministic
     root = write_medad(split, str(tmp_path / "medad"))
     datalist = load_medad_datalist(root)  # the bundle's own reader accepts it
@@ -108,18 +108,85 @@ def test_split_refusals(datastore):
         split_datastore(store, min_normal=4, val_fraction=0.2)
 
 
-def test_training_refusal_over_rest(demo_images, tiny_model, tmp_path):
+def test_split_skips_what_training_cannot_read(datastore, tmp_path):
+    """A 3D NIfTI (no slice rule) and a corrupt PNG in the datastore: left out of every set with the bundle's reason,
+    instead of reaching the bundle's training, which refuses them."""
+    import nibabel as nib
+    from lib.datastore import SAGANDatastore
+    from lib.trainers.sagan import split_datastore, trainable_reason
+
+    store, ids = datastore
+    root = os.path.dirname(store.get_image_uri(ids[0]))
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 5)).astype(np.float32), np.eye(4)),
+        f"{root}/vol.nii.gz",
+    )
+    with open(os.path.join(root, "zz_broken.png"), "wb") as f:
+        f.write(b"not a png")
+    store = SAGANDatastore(root, extensions=["*.png", "*.nii.gz"], auto_reload=False)
+    path = {i: store.get_image_uri(i) for i in store.list_images()}
+    unchecked = split_datastore(store, 4, 0.3)
+    assert {path["vol"], path["zz_broken"]} <= set(unchecked.unlabeled)  # what the bundle's training then refused
+    split = split_datastore(store, 4, 0.3, check=trainable_reason)
+    assert set(split.skipped) == {"series", "vol", "zz_broken"} and split.counts()["skipped"] == 3
+    assert "3D volume" in split.skipped["vol"] and "slice_index" in split.skipped["vol"]
+    assert "cannot read image" in split.skipped["zz_broken"]
+    assert set(split.unlabeled) == {path[i] for i in ids[9:]}
+    assert trainable_reason(path["vol"], slice_index=2) is None  # a slice rule makes the volume usable
+    assert trainable_reason(path[ids[0]]) is None
+
+
+def test_train_options_checked(tmp_path):
+    """The options /info/ offers are checked before any training starts (the bundle's rule: iterations a
+    positive multiple of val_interval, 50 in the cpu preset, 25 in the demo one)."""
+    from lib.trainers.sagan import SAGANTrainTask
+
+    task = SAGANTrainTask(ROOT, str(tmp_path / "model.pt"), lambda: None, {})
+    assert task.check_request({})["schedule"] == {"iterations": 1200, "val_interval": 50, "slice_index": None}
+    assert task.check_request({"iterations": "100", "seed": 3})["iterations"] == 100
+    assert task.check_request({"preset": "demo", "iterations": 75})["schedule"]["val_interval"] == 25
+    refused = [
+        (
+            {"iterations": 20},
+            "iterations (20) must be a positive multiple of val_interval (50, from preset 'cpu'): use 50",
+        ),
+        ({"iterations": 120}, "use 150 or 100"),
+        ({"iterations": -5}, "iterations must be an integer >= 0"),
+        ({"iterations": "many"}, "iterations must be an integer >= 0"),
+        ({"val_fraction": 1.0}, "val_fraction must be a number in (0, 1)"),
+        ({"seed": 1.5}, "seed must be an integer >= 0"),
+        ({"preset": "fast"}, "preset 'fast': no config file fast"),
+    ]
+    for request, words in refused:
+        with pytest.raises(MONAILabelException) as info:
+            task.check_request(request)
+        assert words in info.value.msg, (request, info.value.msg)
+    with_overrides = SAGANTrainTask(
+        ROOT, str(tmp_path / "model.pt"), lambda: None, {"train_overrides": "--val_interval 10"}
+    )
+    assert with_overrides.check_request({"iterations": 20})["schedule"]["val_interval"] == 10
+    bad_conf = SAGANTrainTask(ROOT, str(tmp_path / "model.pt"), lambda: None, {"train_overrides": "--iterations 60"})
+    with pytest.raises(MONAILabelException, match=r"\(60\).*with conf train_overrides\): use 100 or 50"):
+        bad_conf.check_request({})
+
+
+def test_training_refusal_over_rest(demo_images, tiny_model, bundle_copy, tmp_path):
     studies = tmp_path / "few"
     studies.mkdir()
     names = sorted(os.listdir(demo_images))[:3]
     for n in names:
         shutil.copy(os.path.join(demo_images, n), studies / n)
-    conf = {"model_dir": str(tmp_path / "models"), "min_normal_images": "5"}
+    conf = {"bundle": bundle_copy, "model_dir": str(tmp_path / "models"), "min_normal_images": "5"}
     with app_client(str(studies), conf) as client:
         assert "sagan" not in client.get("/info/").json()["models"]  # no model yet: infer task not listed
         for n in names:
             info = {"info": json.dumps({"sagan": "normal"})}
             assert client.put(f"/datastore/image/info?image={n[:-4]}", data=info).status_code == 200
+        # options are checked when the request arrives, also for a background run: no task is started
+        for options, words in [({"iterations": 20}, "multiple of val_interval (50"), ({"preset": "x"}, "preset 'x'")]:
+            response = client.post("/train/sagan", json=options)
+            assert response.status_code == 422 and words in response.json()["detail"], response.text
+        assert client.get("/train/").status_code == 404  # "No Train Tasks Found"
         response = client.post("/train/sagan?run_sync=true", json={})
         assert response.status_code == 422
         assert "at least 5 known-normal images" in response.json()["detail"]

@@ -5,6 +5,7 @@ outputs into what MONAI Label's writer and clients expect."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -16,10 +17,44 @@ from monai.transforms import LoadImage, MapTransform
 
 from bundle.transforms import BadImageError, load_grayscale
 
-__all__ = ["LABEL_VALUE", "PHOTO_SUFFIXES", "LoadSAGANImaged", "SAGANResultd", "is_dicom_file", "load_dicom_series"]
+__all__ = [
+    "LABEL_VALUE",
+    "PHOTO_SUFFIXES",
+    "LoadSAGANImaged",
+    "SAGANResultd",
+    "is_dicom_file",
+    "load_dicom_series",
+    "short_problem",
+]
 
 LABEL_VALUE = 1  # the "anomaly" label's value in the label image (0 elsewhere)
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # inputs without geometry: their label is a PNG
+
+
+# the reader whose error explains an unreadable file, by suffix (MONAI tries every reader and lists all errors)
+_READER_ERRORS = (
+    (PHOTO_SUFFIXES, "PNG/JPEG/BMP", "UnidentifiedImageError"),
+    ((".dcm", ".dicom"), "DICOM", "InvalidDicomError"),
+    ((".nii", ".nii.gz"), "NIfTI", "ImageFileError"),
+)
+READABLE = "PNG, JPEG, BMP, DICOM (a file or a series folder) or NIfTI"
+
+
+def short_problem(problem: str, path: str, name: str) -> str:
+    """One line for a :class:`bundle.transforms.BadImageError` problem of the file ``path``, shown as ``name``
+    (e.g. an upload's own name instead of the server's temporary file): of MONAI's every-reader list ("cannot read
+    image (UnidentifiedImageError: ...; InvalidDicomError: ...; NRRDError: ...)") only the error of the reader that
+    the suffix calls for is kept; other problems are returned as they are, ``path`` replaced by ``name``."""
+    problem = problem.replace(path, name)
+    match = re.fullmatch(r"cannot read image \((.*)\)", problem, flags=re.DOTALL)
+    if match is None or "; " not in match.group(1):
+        return problem
+    errors = re.split(r"; (?=[A-Z]\w*(?:Error|Exception): )", match.group(1))
+    for suffixes, kind, error in _READER_ERRORS:
+        if name.lower().endswith(suffixes):
+            reason = next((e for e in errors if e.startswith(f"{error}: ")), errors[0])
+            return f"cannot read it as a {kind} image ({reason})"
+    return f"not an image the app reads ({READABLE}; judged by the file name's suffix and contents)"
 
 
 def is_dicom_file(path: str) -> bool:
@@ -122,8 +157,9 @@ class SAGANResultd(MapTransform):
       (S0, S1, Z) with the input's affine in ``pred_meta_dict`` (written as NIfTI unless the request names another
       ``result_extension``) so that viewers overlay it on the input's geometry;
     - ``result``: ``anomaly_score``, ``abnormal`` (``score > threshold``; ``None`` when the model records no
-      threshold), ``threshold``, ``pixel_threshold``, ``regions``, ``slice_index`` and ``model`` (bundle version,
-      training iteration and image size recorded in the model file).
+      threshold), ``threshold``, ``pixel_threshold``, ``regions``, ``slice_index`` and ``model``: what the model
+      file records of ``bundle_version``, ``iteration`` (of the checkpoint), ``selected_by`` and ``image_size``
+      (a key the file does not record is left out rather than shown as null).
     """
 
     def __init__(
@@ -164,6 +200,10 @@ class SAGANResultd(MapTransform):
             "pixel_threshold": self.settings.get("pixel_threshold"),
             "regions": regions,
             "slice_index": self.slice_index,
-            "model": {k: self.settings.get(k) for k in ("bundle_version", "iteration", "image_size")},
+            "model": {
+                k: self.settings[k]
+                for k in ("bundle_version", "iteration", "selected_by", "image_size")
+                if self.settings.get(k) is not None
+            },
         }
         return d

@@ -26,27 +26,38 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from bundle.settings import generator_from_settings, load_model_settings
+from bundle.transforms import BadImageError, load_grayscale
 
 from ..datastore import image_class
 from ..transforms import LoadSAGANImaged
 
-__all__ = ["TrainingSplit", "SAGANTrainTask", "split_datastore", "score_files", "publish_model"]
+__all__ = [
+    "TrainingSplit",
+    "SAGANTrainTask",
+    "split_datastore",
+    "trainable_reason",
+    "training_schedule",
+    "score_files",
+    "publish_model",
+]
 
 logger = logging.getLogger(__name__)
 
 PRESETS = {"demo": None, "cpu": "configs/presets/cpu.json", "paper": "configs/presets/paper.json"}
+MAX_LISTED = 50  # skipped images listed by name in the training result (all are counted and logged)
 
 
 @dataclass
 class TrainingSplit:
     """Image files (absolute paths) of one training run: T_n (``normal``), T_u (``unlabeled``), and ``val``
-    (``"0"``: held-out known-normal images, ``"1"``: known-abnormal images); ``skipped``: ids that training cannot
-    use (DICOM series folders: the bundle trains on files)."""
+    (``"0"``: held-out known-normal images, ``"1"``: known-abnormal images); ``skipped``: image id -> why training
+    cannot use it (a DICOM series folder: the bundle trains on files; a file the bundle cannot read as a 2D image,
+    e.g. a 3D volume without a slice rule)."""
 
     normal: list[str] = field(default_factory=list)
     unlabeled: list[str] = field(default_factory=list)
     val: dict[str, list[str]] = field(default_factory=lambda: {"0": [], "1": []})
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -58,23 +69,51 @@ class TrainingSplit:
         }
 
 
-def split_datastore(datastore: Datastore, min_normal: int, val_fraction: float, seed: int = 0) -> TrainingSplit:
+def trainable_reason(path: str, slice_index: int | None = None) -> str | None:
+    """Why the bundle's training cannot use the image file ``path`` (None: it can): it decodes the file as the
+    bundle does (:func:`bundle.transforms.load_grayscale` with the training's ``slice_index``), so a 3D volume
+    without a slice rule, an unreadable or corrupt file, or a file of unusable size gives the bundle's reason."""
+    if os.path.isdir(path):
+        return "a DICOM series folder (training reads image files only)"
+    try:
+        load_grayscale(path, slice_index)
+    except BadImageError as e:
+        return e.problem
+    except Exception as e:  # a reader's own error type: the bundle would stop on it as well
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def split_datastore(
+    datastore: Datastore,
+    min_normal: int,
+    val_fraction: float,
+    seed: int = 0,
+    check: Callable[[str], str | None] | None = None,
+) -> TrainingSplit:
     """Training sets from the datastore (see :func:`lib.datastore.image_class` for the normal/abnormal convention).
 
-    Known-normal images: ``max(1, round(val_fraction * n))`` of them (drawn with ``seed``) are held out for
+    Images that training cannot use are left out of every set and listed in ``skipped`` with the reason: DICOM
+    series folders always, and the files for which ``check(path)`` gives a reason (e.g. :func:`trainable_reason`),
+    each logged. Known-normal images: ``max(1, round(val_fraction * n))`` of them (drawn with ``seed``) are held out for
     validation, the rest is T_n. Known-abnormal images are validation images only. Unlabeled images are T_u.
     Validation picks the checkpoint (ROC AUC) and sets the model's thresholds on its normal images, so it needs
     both classes.
 
     Raises:
-        MONAILabelException: fewer than ``min_normal`` known-normal images, or no known-abnormal image.
+        MONAILabelException: fewer than ``min_normal`` usable known-normal images, or no usable known-abnormal
+            image (the message counts the skipped ones).
     """
     split = TrainingSplit()
     normal, abnormal = [], []
     for image_id in sorted(datastore.list_images()):
         path = datastore.get_image_uri(image_id)
-        if os.path.isdir(path):
-            split.skipped.append(image_id)
+        reason = "a DICOM series folder (training reads image files only)" if os.path.isdir(path) else None
+        if reason is None and check is not None:
+            reason = check(path)
+        if reason is not None:
+            split.skipped[image_id] = reason
+            logger.warning(f"not used for training: image {image_id} ({path}): {reason}")
             continue
         kind = image_class(datastore, image_id)
         (normal if kind == "normal" else abnormal if kind == "abnormal" else split.unlabeled).append(path)
@@ -82,17 +121,18 @@ def split_datastore(datastore: Datastore, min_normal: int, val_fraction: float, 
         'mark images with the image info {"sagan": "normal"} or "abnormal" (PUT /datastore/image/info), or '
         "submit a final label: empty = normal, with a region = abnormal"
     )
+    usable = f" usable (besides {len(split.skipped)} skipped image(s), see the log)" if split.skipped else ""
     if len(normal) < max(min_normal, 2):
         raise MONAILabelException(
             MONAILabelError.APP_TRAIN_FAILED,
             f"SAGAN training needs at least {max(min_normal, 2)} known-normal images (conf min_normal_images); the "
-            f"datastore has {len(normal)}: {how}.",
+            f"datastore has {len(normal)}{usable}: {how}.",
         )
     if not abnormal:
         raise MONAILabelException(
             MONAILabelError.APP_TRAIN_FAILED,
             "SAGAN training needs at least one known-abnormal image for validation (checkpoint choice by ROC AUC and "
-            f"the decision to publish); the datastore has none: {how}.",
+            f"the decision to publish); the datastore has none{usable}: {how}.",
         )
     n_val = min(max(1, round(val_fraction * len(normal))), len(normal) - 1)
     held_out = set(np.random.default_rng(seed).choice(len(normal), n_val, replace=False).tolist())
@@ -165,6 +205,41 @@ def val_auc(bundle_path: str, model_path: str, val: dict[str, list[str]]) -> flo
     return float(compute_roc_auc(scores, labels))
 
 
+def _override_values(overrides: list[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` pairs of a ``monai.bundle run`` argument list (the last one wins)."""
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            values[key] = value
+        elif arg.startswith("--") and i + 1 < len(overrides):
+            values[arg[2:]] = overrides[i + 1]
+            i += 1
+        i += 1
+    return values
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is one (an int, or the text of one), else None (e.g. a ``$`` expression)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def training_schedule(bundle_path: str, configs: list[str], overrides: list[str]) -> dict[str, int | None]:
+    """``iterations``, ``val_interval`` and ``slice_index`` of a training run with the config files ``configs``
+    (relative to the bundle, merged in order) and the command-line ``overrides``; None where the value is not a
+    plain integer (an expression, or ``$None`` for ``slice_index``)."""
+    merged = ConfigParser.load_config_files([os.path.join(bundle_path, c) for c in configs])
+    merged.update(_override_values(overrides))
+    return {k: _as_int(merged.get(k)) for k in ("iterations", "val_interval", "slice_index")}
+
+
 def publish_model(source: str, target: str) -> None:
     """Copy ``source`` to ``target`` atomically: a reader sees the old file or the new one, never a part."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -181,14 +256,18 @@ def publish_model(source: str, target: str) -> None:
 class SAGANTrainTask(TrainTask):
     """Trains SAGAN on the datastore with the bundle's own training, in the bundle's environment.
 
-    Steps: split the datastore (:func:`split_datastore`), write a Med-AD folder in a temporary work folder outside
-    the bundle, run ``python -m monai.bundle run training --config_file "['configs/train.json', <preset>]"``
-    with the bundle's ``.venv`` python (conf ``bundle_python``), score the new model and the served one on the same
-    validation images, and publish the new model (atomic replace of ``published_path``) when its ROC AUC is higher
-    (conf ``publish``: ``better``, the default, or ``always``). Ties keep the served model.
+    Steps: check the request's options (:meth:`check_request`), split the datastore (:func:`split_datastore`),
+    leaving out, with a logged line each, the images the bundle cannot train on (:func:`trainable_reason`: 3D
+    volumes without a ``--slice_index`` rule, unreadable files; counted in the result's ``sets.skipped`` and named
+    in ``skipped``), write a Med-AD folder in a temporary work folder outside the bundle, run ``python -m
+    monai.bundle run training --config_file "['configs/train.json', <preset>]" --on_bad_image skip`` with the
+    bundle's ``.venv`` python (conf ``bundle_python``), score the new model and the served one on the same validation
+    images, and publish the new model (atomic replace of ``published_path``) when its ROC AUC is higher (conf
+    ``publish``: ``better``, the default, or ``always``). Ties keep the served model.
 
-    Request parameters (Slicer shows them as training options): ``preset`` (``cpu``, ``paper``, ``demo`` or a
-    config path relative to the bundle), ``iterations`` (0: the preset's), ``val_fraction``, ``seed``.
+    Request parameters (Slicer shows them as training options; checked when the request arrives): ``preset``
+    (``cpu``, ``paper``, ``demo`` or a config path relative to the bundle), ``iterations`` (0: the preset's; else a
+    positive multiple of the preset's ``val_interval``), ``val_fraction`` (in (0, 1)), ``seed`` (an integer >= 0).
     """
 
     def __init__(
@@ -223,20 +302,75 @@ class SAGANTrainTask(TrainTask):
         with open(path) as f:
             return json.load(f)
 
-    def _command(self, request: dict[str, Any], dataset: str, work: str, n_unlabeled: int) -> list[str]:
-        preset = str(request.get("preset", self._config["preset"]))
+    def _configs(self, preset: str) -> list[str]:
         preset_file = PRESETS.get(preset, preset)
         configs = ["configs/train.json"] + ([preset_file] if preset_file else [])
         for c in configs:
             if not os.path.isfile(os.path.join(self.bundle_path, c)):
-                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"preset {preset!r}: no config file {c}")
-        cmd = [self.python, "-m", "monai.bundle", "run", "training", "--config_file", str(configs)]
+                raise MONAILabelException(
+                    MONAILabelError.INVALID_INPUT,
+                    f"preset {preset!r}: no config file {c} in the bundle; use one of {', '.join(PRESETS)} or a "
+                    "config path relative to the bundle",
+                )
+        return configs
+
+    def check_request(self, request: dict[str, Any] | None) -> dict[str, Any]:
+        """The training options of ``request`` over the defaults of :meth:`config`, checked and normalised
+        (``preset`` str, ``iterations`` and ``seed`` int, ``val_fraction`` float), plus ``configs`` (the config
+        files) and ``schedule`` (:func:`training_schedule` of the run).
+
+        Raises:
+            MONAILabelException: ``INVALID_INPUT`` naming the option and its rule: an unknown preset, ``iterations``
+            not an integer >= 0 or not a positive multiple of the run's ``val_interval``, ``val_fraction`` outside
+            (0, 1), ``seed`` not an integer >= 0.
+        """
+        options = {**self._config, **{k: v for k, v in (request or {}).items() if k in self._config}}
+
+        def refuse(message: str) -> MONAILabelException:
+            return MONAILabelException(MONAILabelError.INVALID_INPUT, f"training option {message}")
+
+        preset = str(options["preset"])
+        iterations, seed = _as_int(options["iterations"]), _as_int(options["seed"])
+        if iterations is None or iterations < 0:
+            raise refuse(f"iterations must be an integer >= 0 (0: the preset's), got {options['iterations']!r}")
+        if seed is None or seed < 0:
+            raise refuse(f"seed must be an integer >= 0, got {options['seed']!r}")
+        try:
+            val_fraction = float(options["val_fraction"])
+        except (TypeError, ValueError):
+            val_fraction = float("nan")
+        if not 0 < val_fraction < 1:
+            raise refuse(f"val_fraction must be a number in (0, 1), got {options['val_fraction']!r}")
+        configs = self._configs(preset)
+        overrides = self.overrides + (["--iterations", str(iterations)] if iterations > 0 else [])
+        schedule = training_schedule(self.bundle_path, configs, overrides)
+        total, interval = schedule["iterations"], schedule["val_interval"]
+        if total is not None and interval is not None and (interval < 1 or total < interval or total % interval):
+            step = max(interval, 1)
+            choices = " or ".join(str(n) for n in dict.fromkeys([-(-total // step) * step, total // step * step]) if n)
+            where = f"preset {preset!r}" + (" with conf train_overrides" if self.overrides else "")
+            raise refuse(
+                f"iterations ({total}) must be a positive multiple of val_interval ({interval}, from {where}): "
+                f"use {choices or interval}"
+            )
+        return {
+            "preset": preset,
+            "iterations": iterations,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "configs": configs,
+            "schedule": schedule,
+        }
+
+    def _command(self, options: dict[str, Any], dataset: str, work: str, n_unlabeled: int) -> list[str]:
+        cmd = [self.python, "-m", "monai.bundle", "run", "training", "--config_file", str(options["configs"])]
         cmd += ["--dataset_dir", dataset, "--ckpt_dir", os.path.join(work, "models")]
-        cmd += ["--output_dir", os.path.join(work, "runs"), "--progress_bar", "False"]
-        cmd += ["--anomaly_ratio", "0", "--unlabeled_size", str(n_unlabeled), "--seed", str(int(request["seed"]))]
-        if int(request.get("iterations") or 0) > 0:
-            cmd += ["--iterations", str(int(request["iterations"]))]
-        return cmd + self.overrides
+        cmd += ["--output_dir", os.path.join(work, "runs"), "--progress_bar", "False", "--on_bad_image", "skip"]
+        cmd += ["--anomaly_ratio", "0", "--unlabeled_size", str(n_unlabeled), "--seed", str(options["seed"])]
+        # the last of repeated options wins: train_overrides over the app's, the request's iterations over both
+        return (
+            cmd + self.overrides + (["--iterations", str(options["iterations"])] if options["iterations"] > 0 else [])
+        )
 
     def _run_training(self, cmd: list[str]) -> None:
         if not os.path.isfile(self.python):
@@ -250,32 +384,43 @@ class SAGANTrainTask(TrainTask):
         process = subprocess.Popen(
             cmd, cwd=self.bundle_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        tail: list[str] = []
-        cause = ""  # the first exception line: a chained traceback prints the root cause first, MONAI's wrapper last
+        # The cause: the first exception line after the first traceback header (a chained traceback prints the root
+        # cause first, MONAI's config wrapper last); without a traceback, the first exception line at all.
+        cause, first_error, in_traceback = "", "", False
         for line in process.stdout:
             line = line.rstrip()
             logger.info(f"[bundle] {line}")
-            tail = (tail + [line])[-20:]
-            if not cause and re.match(r"[\w.]*(Error|Exception): ", line):
-                cause = line
+            in_traceback = in_traceback or line.startswith("Traceback (most recent call last)")
+            if re.match(r"[\w.]*(Error|Exception): ", line):
+                first_error = first_error or line
+                if in_traceback and not cause:
+                    cause = line
         if process.wait() != 0:
+            # one line: GET /train/ shows the last lines of the task's log, and the bundle's log is already above
             raise MONAILabelException(
                 MONAILabelError.APP_TRAIN_FAILED,
-                f"the bundle's training failed (exit {process.returncode}): {cause or 'see the log'}\n"
-                + "\n".join(tail),
+                f"the bundle's training failed (exit {process.returncode}): "
+                f"{cause or first_error or 'see the [bundle] lines of the log'}",
             )
 
     def __call__(self, request, datastore: Datastore):
-        request = {**self._config, **(request or {})}
+        options = self.check_request(request)
         start = time.time()
-        split = split_datastore(datastore, self.min_normal, float(request["val_fraction"]), int(request["seed"]))
+        slice_index = options["schedule"]["slice_index"]
+        split = split_datastore(
+            datastore,
+            self.min_normal,
+            options["val_fraction"],
+            options["seed"],
+            check=lambda path: trainable_reason(path, slice_index),
+        )
         if split.skipped:
-            logger.warning(f"not used for training (DICOM series folders): {split.skipped}")
+            logger.warning(f"{len(split.skipped)} image(s) not used for training (the reasons are logged above)")
         logger.info(f"SAGAN training sets: {split.counts()}")
         work = tempfile.mkdtemp(prefix="sagan-train-", dir=self.work_dir)
         try:
             dataset = write_medad(split, os.path.join(work, "dataset"))
-            self._run_training(self._command(request, dataset, work, len(split.unlabeled)))
+            self._run_training(self._command(options, dataset, work, len(split.unlabeled)))
             new_model = os.path.join(work, "models", "model.pt")
             if not os.path.isfile(new_model):
                 raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, f"training wrote no {new_model}")
@@ -291,6 +436,7 @@ class SAGANTrainTask(TrainTask):
                 "val_auc": new_auc,
                 "served_val_auc": served_auc,
                 "sets": split.counts(),
+                "skipped": dict(list(split.skipped.items())[:MAX_LISTED]),
                 "seconds": round(time.time() - start, 1),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
