@@ -256,7 +256,7 @@ def average_loss_terms(engine: Engine) -> None:
     values = torch.stack([output[k].detach().reshape(()).to(device, torch.float32) for k in keys])
     dist.all_reduce(values)
     values /= get_world_size()
-    engine.state.output = {**output, **{k: v for k, v in zip(keys, values)}}
+    engine.state.output = {**output, **dict(zip(keys, values, strict=True))}
 
 
 def attach_handlers(engine: Engine, handlers: Sequence | None) -> None:

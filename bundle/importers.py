@@ -436,7 +436,7 @@ def read_generic(
             ``label`` and ``split`` (``val`` or ``test``).
         patient_column: the CSV column of patient IDs (optional).
     """
-    records = [r for r in _records_from(normal, "normal", patient_column, label=0)]
+    records = list(_records_from(normal, "normal", patient_column, label=0))
     for r in records:
         if r.label != 0:
             raise ImporterError(f"{normal}: {r.source} has label {r.label}; the known normals must all be 0.")

@@ -23,7 +23,7 @@ __all__ = ["instance_norm_act"]
 
 
 @triton.jit
-def _tile(base, start, cols, col_ok, C, L: tl.constexpr, BLOCK_L: tl.constexpr):
+def _tile(base, start, cols, col_ok, C, L: tl.constexpr, BLOCK_L: tl.constexpr):  # noqa: N803 (Triton constexpr)
     """Offsets and mask of one (BLOCK_L, BLOCK_C) tile: rows [start, start + BLOCK_L) of the sample at ``base``,
     the program's channels ``cols`` (channels-last: a row holds the C channels of one pixel)."""
     rows = start + tl.arange(0, BLOCK_L)
@@ -31,7 +31,7 @@ def _tile(base, start, cols, col_ok, C, L: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU: tl.constexpr):
+def _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU: tl.constexpr):  # noqa: N803 (Triton constexpr)
     """One tile of the normalised input and of the output gradient, float32; with ``RELU`` the gradient is zero
     where the affine output was not positive (the ReLU's backward)."""
     xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
@@ -42,9 +42,9 @@ def _xhat_and_grad(x_ptr, dy_ptr, offs, ok, mean, rstd, w, b, RELU: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, eps, L: tl.constexpr,
-    AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+def _forward_kernel(  # Triton constexpr arguments in capitals
+    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, eps, L: tl.constexpr,  # noqa: N803
+    AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,  # noqa: N803
 ):  # fmt: skip
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,9 +78,10 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
-    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, C, L: tl.constexpr,
-    AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+def _backward_kernel(  # Triton constexpr arguments in capitals
+    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    C, L: tl.constexpr,  # noqa: N803
+    AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,  # noqa: N803
 ):  # fmt: skip
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -40,9 +40,12 @@ class BadImageError(ValueError):
     (:func:`printable_name`)."""
 
     def __init__(self, filename: str, problem: str) -> None:
-        super().__init__(f"{printable_name(filename)}: {printable_name(problem)}")
+        super().__init__(filename, problem)  # all arguments: pickle and copy.copy rebuild it from ``args``
         self.filename = filename
         self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{printable_name(self.filename)}: {printable_name(self.problem)}"
 
 
 def _reason(error: BaseException) -> str:

@@ -52,7 +52,7 @@ def collate_mixed_meta(batch: Sequence[Mapping]) -> dict:
         if not all(isinstance(t, MetaTensor) for t in tensors):
             continue
         mixed = []
-        for name in {name for t in tensors for name in t.meta}:
+        for name in {n for t in tensors for n in t.meta}:
             shapes = [_shape(t.meta[name]) if name in t.meta else "missing" for t in tensors]
             if all(s is not None for s in shapes) and len(set(shapes)) > 1:  # arrays (or absent) of other shapes
                 mixed.append(name)
