@@ -96,6 +96,18 @@ def _selected(path: str, kind: str) -> bool:
     return text
 
 
+# what the zoo's CI writes into a bundle folder (ci/prepare_schema.py, verify_bundle.py): not part of a commit
+CI_ARTIFACTS = (os.path.join("eval", "schema.json"), os.path.join("models", "verify_model.ts"))
+
+
+def _not_committed(bundle_folder: str):
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = os.path.relpath(folder, bundle_folder)
+        return {n for n in names if n == "__pycache__" or os.path.normpath(os.path.join(rel, n)) in CI_ARTIFACTS}
+
+    return ignore
+
+
 def run_hooks(bundle_folder: str, name: str, maxkb: int = 1024, gitignore: str | None = None) -> int:
     """Runs :data:`HOOKS` on the staged copy of ``bundle_folder``; prints one PASS/FAIL line per hook (and the
     hook's own output on failure); returns the number of failed hooks. With ``gitignore`` (the zoo's .gitignore),
@@ -108,7 +120,7 @@ def run_hooks(bundle_folder: str, name: str, maxkb: int = 1024, gitignore: str |
     repo = tempfile.mkdtemp(prefix="zoo_hooks.")
     failed = 0
     try:
-        shutil.copytree(bundle_folder, os.path.join(repo, "models", name), ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(bundle_folder, os.path.join(repo, "models", name), ignore=_not_committed(bundle_folder))
         git = ["git", "-c", "user.name=zoo", "-c", "user.email=zoo@localhost", "-c", "core.autocrlf=false"]
         subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
         if gitignore:
