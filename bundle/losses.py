@@ -6,17 +6,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["gradient_penalty", "critic_loss_terms", "generator_loss_terms"]
+__all__ = ["critic_input_gradient_norms", "gradient_penalty", "critic_loss_terms", "generator_loss_terms"]
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """mean((||grad D(x_hat)||_2 - 1)^2), x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per sample;
-    the gradient norm is over the flattened image. ``real``, ``fake``: (B, C, H, W); returns a scalar."""
+def critic_input_gradient_norms(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """||grad D(x_hat)||_2 per sample, x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per sample; the norm is
+    over the flattened image, kept in the graph (``create_graph``) for the penalty. ``real``, ``fake``:
+    (B, C, H, W); returns (B,)."""
     a = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     mixed = (a * real + (1 - a) * fake.detach()).requires_grad_(True)
     score = critic(mixed)
     (grad,) = torch.autograd.grad(score, mixed, grad_outputs=torch.ones_like(score), create_graph=True)
-    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    return grad.flatten(1).norm(2, dim=1)
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """mean((||grad D(x_hat)||_2 - 1)^2) (see :func:`critic_input_gradient_norms`); returns a scalar."""
+    return ((critic_input_gradient_norms(critic, real, fake) - 1) ** 2).mean()
 
 
 def critic_loss_terms(
@@ -25,11 +31,15 @@ def critic_loss_terms(
     """D loss = -mean(D(real)) + mean(D(fake)) + lambda_gp * GP, with ``fake`` detached.
 
     Real and fake go through the critic as one batch (it has no normalisation, so this equals two passes).
-    Returns the scalar terms ``d_real``, ``d_fake``, ``gp`` and ``d_loss`` (the one to minimise)."""
+    Returns the scalar terms ``d_real``, ``d_fake``, ``gp``, ``d_loss`` (the one to minimise) and, for monitoring
+    only (detached), ``d_grad_norm``: the mean input-gradient norm of the penalty's samples (near 0 while the critic
+    is stalled, see :class:`~bundle.handlers.CriticStallDetector`)."""
     scores = critic(torch.cat([real, fake.detach()])).flatten(1).mean(1)
     d_real, d_fake = scores[: real.shape[0]].mean(), scores[real.shape[0] :].mean()
-    gp = gradient_penalty(critic, real, fake)
-    return {"d_real": d_real, "d_fake": d_fake, "gp": gp, "d_loss": -d_real + d_fake + lambda_gp * gp}
+    norms = critic_input_gradient_norms(critic, real, fake)
+    gp = ((norms - 1) ** 2).mean()
+    d_loss = -d_real + d_fake + lambda_gp * gp
+    return {"d_real": d_real, "d_fake": d_fake, "gp": gp, "d_loss": d_loss, "d_grad_norm": norms.detach().mean()}
 
 
 def generator_loss_terms(

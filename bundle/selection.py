@@ -195,6 +195,11 @@ def _save_atomic(obj: dict, path: str) -> None:
     write_atomic(lambda f: torch.save(obj, f), path)
 
 
+def _record_of(training_record: Any) -> dict[str, Any]:
+    """What a training monitor (e.g. :class:`~bundle.handlers.CriticStallDetector`) adds to the settings."""
+    return training_record.record() if training_record is not None else {}
+
+
 class PseudoOperatingPoint(OperatingPointHandler):
     """:class:`~bundle.handlers.OperatingPointHandler` for the pseudo-AUC hold-out: the thresholds come from the
     held-out normal images (label 0). Label 1 marks unlabeled images, so no sensitivity is reported; the settings
@@ -235,6 +240,7 @@ class BestModelSaver:
         trainer: the training engine (for the iteration recorded).
         metric_name: the evaluator metric to maximise (``val_auc``, ``val_pseudo_auc``).
         resume: continue the best score of an existing file (a training checkpoint's ``state_dict`` also does).
+        training_record: optional object whose ``record()`` is added to the settings (the critic-stall record).
     """
 
     def __init__(
@@ -246,6 +252,7 @@ class BestModelSaver:
         trainer: Engine | None = None,
         metric_name: str = "val_pseudo_auc",
         resume: bool = False,
+        training_record: Any = None,
     ) -> None:
         self.rank_zero_only = True
         self.path = os.path.join(save_dir, filename)
@@ -253,6 +260,7 @@ class BestModelSaver:
         self.settings = settings
         self.trainer = trainer
         self.metric_name = metric_name
+        self.training_record = training_record
         self.best = -math.inf
         if resume and os.path.isfile(self.path):
             stored = read_model(self.path)[1] or {}
@@ -279,7 +287,7 @@ class BestModelSaver:
         self.best = value
         iteration = self.trainer.state.iteration if self.trainer is not None else None
         settings = {**self.settings.state_dict(), self.metric_name: value, "iteration": iteration}
-        settings["selected_by"] = self.metric_name
+        settings.update(selected_by=self.metric_name, **_record_of(self.training_record))
         _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
         logger.info(f"saved {self.path} ({self.metric_name} {value:.4f} at iteration {iteration})")
 
@@ -298,10 +306,20 @@ class LastModelSaver:
         network: the generator.
         settings: object whose ``state_dict()`` gives the settings (the evaluator's operating-point handler).
         evaluator: the evaluator that fills ``settings``.
+        training_record: optional object whose ``record()`` is added to the settings (the critic-stall record).
     """
 
-    def __init__(self, save_dir: str, filename: str, network: nn.Module, settings: Any, evaluator: Engine) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        filename: str,
+        network: nn.Module,
+        settings: Any,
+        evaluator: Engine,
+        training_record: Any = None,
+    ) -> None:
         self.path = os.path.join(save_dir, filename)
+        self.training_record = training_record
         self.network = network
         self.settings = settings
         self.evaluator = evaluator
@@ -324,5 +342,6 @@ class LastModelSaver:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
         settings = {**self.settings.state_dict(), "iteration": iteration, "selected_by": "last"}
+        settings.update(_record_of(self.training_record))
         _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
         logger.info(f"saved {self.path} (the generator at iteration {iteration})")

@@ -44,6 +44,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # zoo_premerge
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -51,6 +52,7 @@ from monai.bundle import ckpt_export  # noqa: E402
 
 from bundle.demo import make_demo_dataset  # noqa: E402
 from bundle.settings import load_model_settings, model_file_contents, read_model  # noqa: E402
+from zoo_premerge import write_zoo_unit_test  # noqa: E402
 
 LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files --maxkb=1024 refuses larger files
 # MONAI Label guesses a bundle's task from its folder name: these words would make it guess wrong
@@ -282,6 +284,7 @@ def export(
                     rel = os.path.relpath(path, work)
                     url = f"{url_base.rstrip('/')}/{rel}"
                     large.append({"path": rel, "url": url, "hash_type": "sha256", "hash_val": sha256(path)})
+        write_zoo_unit_test(work, name)  # ci_unit_test/test_<name>.py: the zoo's ci/unit_tests file
         with open(os.path.join(work, "large_files.yml"), "w") as f:
             yaml.safe_dump({"large_files": large}, f, sort_keys=False)
         if os.path.isdir(final):

@@ -108,11 +108,13 @@ def reference_run(
         mixed = (a * x_n + (1 - a) * fake.detach()).requires_grad_(True)
         score = d(mixed)
         (grad,) = torch.autograd.grad(score, mixed, torch.ones_like(score), create_graph=True)
-        gp = ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+        norms = grad.flatten(1).norm(2, dim=1)
+        gp = ((norms - 1) ** 2).mean()
         d_loss = -d_real + d_fake + 10.0 * gp
         d_loss.backward()
         d_opt.step()
         row = {"d_real": d_real.item(), "d_fake": d_fake.item(), "gp": gp.item(), "d_loss": d_loss.item()}
+        row["d_grad_norm"] = norms.mean().item()
         if it % 2 == 0:
             g_opt.zero_grad()
             fake = g(x_u) if x_u is not None else g(x_p)
