@@ -49,10 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # zoo_premerge
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from monai.bundle import ckpt_export  # noqa: E402
+from zoo_premerge import write_zoo_unit_test  # noqa: E402
 
 from bundle.demo import make_demo_dataset  # noqa: E402
 from bundle.settings import load_model_settings, model_file_contents, read_model  # noqa: E402
-from zoo_premerge import write_zoo_unit_test  # noqa: E402
 
 LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files --maxkb=1024 refuses larger files
 # MONAI Label guesses a bundle's task from its folder name: these words would make it guess wrong
