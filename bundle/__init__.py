@@ -1,6 +1,6 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """SAGAN (Spatial-aware Attention GAN, MICCAI 2024) as a MONAI bundle."""
 
-__version__ = "0.7.1"
+__version__ = "0.8.0"
 
 from . import data, demo, engines, handlers, losses, networks, schedules, settings, transforms, visualize  # noqa: E402
