@@ -144,13 +144,18 @@ class SAGANApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         """Server start-up (not run in MONAI Label's training subprocess): request hooks (train options checked on
-        arrival, uploaded files named by their own name) and the result writer warmed up, so that the first
-        ``/infer`` is as fast as the later ones."""
+        arrival, uploaded files named by their own name), the result writer warmed up and the served model loaded
+        (CPU), so that the first ``/infer`` is as fast as the later ones (conf ``warm_up false`` skips both)."""
         from lib.server import install_request_hooks, warm_up_writer
 
         install_request_hooks()
-        if "sagan" in self._infers and self.conf.get("warm_up", "true").lower() != "false":
+        task = self._infers.get("sagan")
+        if task is not None and self.conf.get("warm_up", "true").lower() != "false":
             warm_up_writer()
+            try:
+                task.served_model("cpu")  # the model too: read, built and cached as the first request would
+            except Exception as e:  # the first request reports it
+                logger.warning(f"model not loaded at start-up: {e}")
         super().on_init_complete()
 
     def check_train_request(self, model: str, request: dict) -> None:

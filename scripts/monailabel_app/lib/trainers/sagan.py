@@ -78,7 +78,8 @@ def trainable_reason(path: str, slice_index: int | None = None) -> str | None:
     try:
         load_grayscale(path, slice_index)
     except BadImageError as e:
-        return e.problem
+        hint = ' (for training: --conf train_overrides "--slice_index K")' if "slice_index" in e.problem else ""
+        return e.problem + hint
     except Exception as e:  # a reader's own error type: the bundle would stop on it as well
         return f"{type(e).__name__}: {e}"
     return None
