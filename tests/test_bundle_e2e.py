@@ -76,6 +76,8 @@ def test_training_writes_checkpoints_and_tensorboard(trained):
     state, settings = read_model(str(out / "models" / "model.pt"))
     plain = torch.load(out / "models" / "model.pt", weights_only=True)
     assert "stem.conv.weight" in plain and all(torch.is_tensor(v) for v in plain.values())  # a plain state dict
+    assert settings["critic_stalls"] == [] and settings["critic_stall_iterations"] == 0  # 4 iterations: no stall
+    assert settings["selected_by"] == "val_auc" and settings["iteration"] in (2, 4)
     assert settings["network_def"] == {
         "_target_": "bundle.networks.SAGANGenerator",
         "in_channels": 1,
@@ -122,6 +124,7 @@ def test_evaluating_writes_report(trained, tiny_dataset):
     assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["ap"] <= 1
     settings = read_model(str(out / "models" / "model.pt"))[1]
     assert metrics["threshold"] == settings["threshold"]
+    assert metrics["critic_stalls"] == settings["critic_stalls"]
     scores = {
         r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(open(out / "eval" / "scores.csv"))
     }

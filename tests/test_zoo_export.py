@@ -250,13 +250,13 @@ def test_export_refuses_metrics_of_another_model_and_unknown_data_terms(exported
     assert not (tmp_path / NAME).exists()
 
 
-def test_zoo_style_workflow_train_then_infer(exported, tiny_dataset, tmp_path):
+def test_zoo_style_workflow_train_then_infer(exported, tiny_dataset, tmp_path, monkeypatch):
     """As the zoo's ci/unit_tests: ConfigWorkflow with check_properties, train 2 iterations, then infer."""
     from monai.bundle import ConfigWorkflow
 
     _, folder = exported
     sys.path.insert(0, str(folder))  # the bundle's Python package, as `monai.bundle run` adds it
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     train = ConfigWorkflow(
         config_file=str(folder / "configs" / "train.json"),
         meta_file=str(folder / "configs" / "metadata.json"),
@@ -291,7 +291,6 @@ def test_zoo_style_workflow_train_then_infer(exported, tiny_dataset, tmp_path):
     infer.finalize()
     rows = list(csv.reader(open(tmp_path / "out" / "scores.csv")))
     assert len(rows) == len(os.listdir(os.path.join(tiny_dataset, "images")))
-    os.chdir(ROOT)
 
 
 def test_load_from_zip_scores_like_run_inferring(exported, tiny_dataset, tmp_path):
@@ -344,5 +343,5 @@ def test_exported_code_passes_the_zoo_style_checks(exported):
             code,
         ],
     ):
-        proc = subprocess.run([os.path.join(bin_dir, cmd[0]), *cmd[1:]], capture_output=True, text=True)
+        proc = subprocess.run([os.path.join(bin_dir, cmd[0]), *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, f"{' '.join(cmd[:1])}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
