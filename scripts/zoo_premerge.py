@@ -100,10 +100,23 @@ def _selected(path: str, kind: str) -> bool:
 CI_ARTIFACTS = (os.path.join("eval", "schema.json"), os.path.join("models", "verify_model.ts"))
 
 
+def _hosted_files(bundle_folder: str) -> set[str]:
+    """The paths that large_files.yml lists: hosted elsewhere, never committed to the zoo (nor in the zip)."""
+    path = os.path.join(bundle_folder, "large_files.yml")
+    if not os.path.isfile(path):
+        return set()
+    import yaml
+
+    entries = (yaml.safe_load(open(path)) or {}).get("large_files") or []
+    return {os.path.normpath(entry["path"]) for entry in entries}
+
+
 def _not_committed(bundle_folder: str):
+    left_out = set(CI_ARTIFACTS) | _hosted_files(bundle_folder)
+
     def ignore(folder: str, names: list[str]) -> set[str]:
         rel = os.path.relpath(folder, bundle_folder)
-        return {n for n in names if n == "__pycache__" or os.path.normpath(os.path.join(rel, n)) in CI_ARTIFACTS}
+        return {n for n in names if n == "__pycache__" or os.path.normpath(os.path.join(rel, n)) in left_out}
 
     return ignore
 
