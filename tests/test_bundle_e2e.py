@@ -125,6 +125,8 @@ def test_evaluating_writes_report(trained, tiny_dataset):
     settings = read_model(str(out / "models" / "model.pt"))[1]
     assert metrics["threshold"] == settings["threshold"]
     assert metrics["critic_stalls"] == settings["critic_stalls"]
+    low, high = metrics["specificity_interval"]  # where the specificity should lie on this many normals
+    assert settings["threshold_normals"] > 0 and 0 <= low <= high <= 1
     scores = {
         r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(open(out / "eval" / "scores.csv"))
     }

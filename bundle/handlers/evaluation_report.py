@@ -8,12 +8,15 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from ..visualize import save_extremes
+from .operating_point import specificity_interval
 
 __all__ = ["EvaluationReportHandler", "roc_curve", "precision_recall_curve"]
 
@@ -48,7 +51,11 @@ class EvaluationReportHandler:
     ``threshold`` in red: :func:`bundle.visualize.save_extremes`). It also prints the metrics.
 
     With the model's operating ``threshold`` (``abnormal = score > threshold``) the report adds ``sensitivity``
-    and ``specificity`` at that threshold.
+    and ``specificity`` at that threshold. With the model's ``settings`` recording how the threshold was set
+    (``threshold_normals``, ``threshold_rank``), it adds ``specificity_interval``: where the specificity on this
+    many normal images should lie if they are like those that set the threshold (95%,
+    :func:`~bundle.handlers.operating_point.specificity_interval`), prints it beside the realised one and warns
+    when the realised one falls outside.
 
     ``metrics.json`` also says which listed images were not scored: ``n_skipped`` and ``skipped``
     (``[{"file", "label", "reason"}, ...]``): the bad images that the evaluator's data set (``ImageCache`` with
@@ -57,10 +64,16 @@ class EvaluationReportHandler:
     """
 
     def __init__(
-        self, output_dir: str, top_k: int = 8, extra_info: dict | None = None, threshold: float | None = None
+        self,
+        output_dir: str,
+        top_k: int = 8,
+        extra_info: dict | None = None,
+        threshold: float | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.threshold = threshold
+        self.settings = settings or {}
         self.top_k = top_k
         self.extra_info = extra_info or {}
         self.rows: list[tuple[str, int, float]] = []
@@ -71,6 +84,27 @@ class EvaluationReportHandler:
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _specificity_interval(self, realised: float, m: int) -> list[float] | None:
+        """The 95% interval of the specificity on ``m`` normal images (None when the model does not record how its
+        threshold was set); logs it beside the ``realised`` one, as a warning when that falls outside."""
+        n, rank = self.settings.get("threshold_normals"), self.settings.get("threshold_rank")
+        if not (n and rank and m):
+            return None
+        low, high = specificity_interval(int(n), int(rank), m)
+        promised = self.settings.get("specificity")
+        line = (
+            f"specificity {realised:.3f} on {m} normal images; the threshold (the {promised} quantile of {n} normal "
+            f"scores) puts 95% of such evaluations in [{low:.3f}, {high:.3f}]"
+        )
+        if low <= realised <= high:
+            logger.info(line)
+        else:
+            logger.warning(
+                f"{line}: OUTSIDE. These normal images score unlike those that set the threshold (a shift between "
+                "the sets, or a checkpoint chosen on the images that set it): its false-alarm rate does not hold here."
+            )
+        return [low, high]
 
     def _reset(self, engine: Engine) -> None:
         self.rows, self.images, self.restored = [], [], []
@@ -124,6 +158,8 @@ class EvaluationReportHandler:
             metrics["specificity"] = float((~called)[labels == 0].mean())
         report = {**metrics, "n_normal": int((labels == 0).sum()), "n_abnormal": int((labels == 1).sum())}
         report["threshold"] = self.threshold
+        if "specificity" in metrics:
+            report["specificity_interval"] = self._specificity_interval(metrics["specificity"], report["n_normal"])
         skipped = self._skipped(engine)
         report.update(n_skipped=len(skipped), skipped=skipped)
         report.update(self.extra_info)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,38 @@ __all__ = ["OperatingPointHandler"]
 logger = logging.getLogger(__name__)
 
 
+def specificity_interval(n_normals: int, rank: int, m: int, coverage: float = 0.95) -> tuple[float, float]:
+    """Where the specificity measured on ``m`` new normal images should lie, for a threshold that is the ``rank``-th
+    smallest of ``n_normals`` normal scores (``abnormal = score > threshold``).
+
+    For continuous scores the share of all normal images at or below the ``rank``-th of ``n_normals`` is
+    Beta(rank, n_normals + 1 - rank) distributed, so the count of ``m`` new ones at or below it is beta-binomial;
+    returns its central ``coverage`` interval divided by ``m``. It holds when the new images come from the same
+    distribution as those the threshold was set on; a realised specificity outside it means they do not (a shift
+    between the sets, or a checkpoint chosen on the very images that set the threshold)."""
+    a, b = rank, n_normals + 1 - rank
+    x = np.arange(m + 1)
+    lgamma = np.vectorize(math.lgamma)
+    log_pmf = (
+        lgamma(m + 1) - lgamma(x + 1) - lgamma(m - x + 1)
+        + lgamma(x + a) + lgamma(m - x + b) - lgamma(m + a + b)
+        - (lgamma(a) + lgamma(b) - lgamma(a + b))
+    )  # fmt: skip
+    cdf = np.cumsum(np.exp(log_pmf))
+    low, high = (int(np.searchsorted(cdf, p - 1e-12)) for p in ((1 - coverage) / 2, (1 + coverage) / 2))
+    return low / m, high / m
+
+
 class OperatingPointHandler:
     """Validation handler that, after every validation pass, chooses the model's operating thresholds and holds
     the settings the model file carries (see :mod:`bundle.settings`).
 
     - ``threshold``: the ``specificity`` quantile of the anomaly scores of the normal (label 0) images, so that
       ``abnormal = score > threshold`` keeps at least that share of them normal;
-    - ``pixel_threshold``: the ``pixel_quantile`` quantile of all pixels of their smoothed heat maps.
+    - ``pixel_threshold``: the ``pixel_quantile`` quantile of all pixels of their smoothed heat maps;
+    - ``threshold_normals`` and ``threshold_rank``: how many normal scores set the threshold and which of them
+      (1-based, ascending) it is; evaluation turns them into the interval the realised specificity should lie in
+      (:func:`specificity_interval`).
 
     It adds ``val_sensitivity`` and ``val_specificity`` at ``threshold`` to the evaluator's metrics (attach it
     before the StatsHandler / TensorBoard handlers to log them). Put it into the best-model saver's ``save_dict``
@@ -88,6 +114,7 @@ class OperatingPointHandler:
         if normal.size == 0:
             raise ValueError("the validation split has no normal images: no operating threshold can be chosen.")
         threshold = float(np.quantile(normal, self.specificity, method="higher"))
+        rank = int(np.ceil(self.specificity * (normal.size - 1))) + 1  # numpy's "higher": sorted[ceil(q (n - 1))]
         pixels = smooth_heatmap(torch.stack(self._normal_maps)).flatten().numpy()
         abnormal = scores[labels == 1]
         self.operating_point = {
@@ -95,6 +122,8 @@ class OperatingPointHandler:
             "specificity": self.specificity,
             "pixel_threshold": float(np.quantile(pixels, self.pixel_quantile)),
             "pixel_quantile": self.pixel_quantile,
+            "threshold_normals": int(normal.size),
+            "threshold_rank": rank,
             "val_specificity": float((normal <= threshold).mean()),
             "val_sensitivity": float((abnormal > threshold).mean()) if abnormal.size else float("nan"),
         }
@@ -112,5 +141,14 @@ class OperatingPointHandler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = ("threshold", "specificity", "pixel_threshold", "pixel_quantile", "val_specificity", "val_sensitivity")
+        keys = (
+            "threshold",
+            "specificity",
+            "pixel_threshold",
+            "pixel_quantile",
+            "threshold_normals",
+            "threshold_rank",
+            "val_specificity",
+            "val_sensitivity",
+        )
         self.operating_point = {k: state[k] for k in keys if k in state}
