@@ -275,10 +275,7 @@ class BestModelSaver:
         return {"best": self.best}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "_saved" in state:  # a training checkpoint of bundle <= 0.7 (ignite Checkpoint state: (score, file) pairs)
-            self.best = max((float(priority) for priority, _ in state["_saved"]), default=-math.inf)
-        else:
-            self.best = float(state["best"])
+        self.best = float(state["best"])
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
