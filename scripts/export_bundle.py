@@ -124,12 +124,16 @@ MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 DOCS = ("README.md", "results.md", "performance.md")  # docs/ files copied into the export
 
 
-def check_metrics(metrics: dict, metrics_file: str, model: str) -> None:
-    """The metrics must be the model's own, on a test split (the zoo's eval_metrics are test-set figures)."""
+def check_metrics(metrics: dict, metrics_file: str, model: str, settings: dict) -> None:
+    """The metrics must be the model's own (same file, same operating threshold: a model trained again in the same
+    place has another), on a test split (the zoo's eval_metrics are test-set figures)."""
     checkpoint = metrics.get("checkpoint")
-    if not checkpoint or not os.path.isfile(checkpoint) or not os.path.samefile(checkpoint, model):
+    same_file = bool(checkpoint) and os.path.isfile(checkpoint) and os.path.samefile(checkpoint, model)
+    if not same_file or metrics.get("threshold") != settings["threshold"]:
         raise ValueError(
-            f"{metrics_file} evaluates {checkpoint!r}, not {model}: run `python -m monai.bundle run evaluating "
+            f"{metrics_file} is not an evaluation of {model} (it evaluates {checkpoint!r} at threshold "
+            f"{metrics.get('threshold')}; the model's threshold is {settings['threshold']}): run "
+            "`python -m monai.bundle run evaluating "
             f"--config_file \"['configs/train.json','configs/evaluate.json']\" --model_path {model} ...` first."
         )
     if metrics.get("split") != "test":
@@ -228,7 +232,7 @@ def export(
             "split; run `python -m monai.bundle run evaluating ...` and pass its metrics.json with --metrics."
         )
     metrics = json.load(open(metrics_file))
-    check_metrics(metrics, metrics_file, model)
+    check_metrics(metrics, metrics_file, model, settings)
     license_text = data_terms(metrics["dataset"], data_license)
     net = settings["network_def"]
     changelog = changelog or (

@@ -59,8 +59,8 @@ def zoo_unit_test_source(name: str) -> str:
 def write_zoo_unit_test(bundle_folder: str, name: str) -> str:
     """Writes ``<bundle_folder>/ci_unit_test/test_<name>.py``, the zoo's unit test of the bundle, and returns its
     path. In the zoo it belongs at ``ci/unit_tests/test_<name>.py`` (scripts/zoo_premerge.sh copies it there), where
-    ``python ci/unit_tests/runner.py --b <name>`` runs it; elsewhere ``python -m unittest`` or pytest run it on the
-    folder above it."""
+    ``python ci/unit_tests/runner.py --b <name>`` runs it; elsewhere ``python -m unittest`` runs it (not pytest,
+    which would take the zoo's ``test_order`` helper for a test)."""
     folder = os.path.join(bundle_folder, UNIT_TEST_DIR)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"test_{name}.py")

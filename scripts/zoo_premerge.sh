@@ -113,10 +113,14 @@ make_demo_dataset(sys.argv[1], seed=1, sizes={'train': (12, 0), 'unlabeled': (8,
                 --output_dir "$WORK/dist" ${EXPORT_ARGS:-}
         ) >"$LOG_DIR/export.log" 2>&1 || { echo "FAIL export"; tail -n 25 "$LOG_DIR/export.log"; exit 1; }
     fi
-    FOLDER="$(ls -d "$WORK"/dist/*/ | head -n 1)"
+    FOLDER="$(ls -d "$WORK"/dist/*/ 2>/dev/null | head -n 1)"
     FOLDER="${FOLDER%/}"
 fi
-NAME="$(basename "$FOLDER")"
+NAME="$(basename "${FOLDER:-}")"
+if [[ -z "${FOLDER:-}" || -z "$NAME" || ! -f "$FOLDER/configs/metadata.json" ]]; then
+    echo "FAIL export: no exported bundle folder (got '${FOLDER:-}'; EXPORT_ARGS must not set --output_dir)"
+    exit 1
+fi
 DEST="$ZOO/models/$NAME"
 UNIT_TEST="$ZOO/ci/unit_tests/test_$NAME.py"
 echo "bundle $NAME: $FOLDER -> $DEST; python $PYTHON; logs in $LOG_DIR"

@@ -65,10 +65,16 @@ def test_latest_and_resume_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         resume_checkpoint(str(tmp_path), True)
     for i, name in enumerate(["checkpoint_epoch=1.pt", "checkpoint_final.pt"]):
-        (tmp_path / name).write_bytes(b"x")
+        torch.save({"trainer": {}, "critic_stall": {}}, tmp_path / name)
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
     (tmp_path / "model.pt").write_bytes(b"x")
     assert resume_checkpoint(str(tmp_path), True).endswith("checkpoint_final.pt")
+    torch.save({"trainer": {}, "best_model_saver": {"_saved": []}}, tmp_path / "checkpoint_final.pt")  # bundle 0.7
+    with pytest.raises(ValueError, match="written by bundle <= 0.7"):
+        resume_checkpoint(str(tmp_path), True)
+    (tmp_path / "checkpoint_final.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="checkpoint_final.pt: not a readable training checkpoint"):
+        resume_checkpoint(str(tmp_path), True)
 
 
 def test_best_score_survives_resume(tmp_path):

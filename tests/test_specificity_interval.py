@@ -53,7 +53,7 @@ def test_operating_point_records_how_its_threshold_was_set():
 
 def test_evaluation_warns_when_the_realised_specificity_is_outside(tmp_path, caplog):
     """The chest set's case: 0.95 promised on 100 val normals, 0.82 realised on its 231 test normals."""
-    settings = {"specificity": 0.95, "threshold_normals": 100, "threshold_rank": 96}
+    settings = {"threshold": 0.5, "specificity": 0.95, "threshold_normals": 100, "threshold_rank": 96}
     report = EvaluationReportHandler(str(tmp_path), threshold=0.5, settings=settings)
     with caplog.at_level(logging.INFO, logger="bundle.handlers.evaluation_report"):
         assert report._specificity_interval(0.95, 231) == pytest.approx(list(specificity_interval(100, 96, 231)))
@@ -62,3 +62,5 @@ def test_evaluation_warns_when_the_realised_specificity_is_outside(tmp_path, cap
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "specificity 0.820 on 231 normal images" in warning.getMessage() and "OUTSIDE" in warning.getMessage()
     assert EvaluationReportHandler(str(tmp_path), threshold=0.5)._specificity_interval(0.82, 231) is None
+    overridden = EvaluationReportHandler(str(tmp_path), threshold=0.7, settings=settings)  # not the model's threshold
+    assert overridden._specificity_interval(0.82, 231) is None

@@ -245,8 +245,12 @@ def test_export_refuses_metrics_of_another_model_and_unknown_data_terms(exported
         export_bundle.export(model, str(tmp_path), metrics_file=metrics)
     other = tmp_path / "other.pt"
     shutil.copy(model, other)
-    with pytest.raises(ValueError, match="not .*other.pt"):
+    with pytest.raises(ValueError, match="not an evaluation of .*other.pt"):
         export_bundle.export(str(other), str(tmp_path), metrics_file=metrics, data_license=str(work / "terms.txt"))
+    stale = tmp_path / "stale.json"  # the same path evaluated before the model was trained again
+    stale.write_text(json.dumps({**json.load(open(metrics)), "threshold": 12.5}))
+    with pytest.raises(ValueError, match="the model's threshold is"):
+        export_bundle.export(model, str(tmp_path), metrics_file=str(stale), data_license=str(work / "terms.txt"))
     assert not (tmp_path / NAME).exists()
 
 

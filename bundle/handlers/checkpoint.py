@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
+import torch
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
@@ -123,4 +124,13 @@ def resume_checkpoint(ckpt_dir: str, resume: bool) -> str | None:
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         raise FileNotFoundError(f"resume requested but {ckpt_dir} holds no checkpoint*.pt to resume from.")
+    try:
+        entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e}).") from e
+    if "critic_stall" not in entries:
+        raise ValueError(
+            f"{path} was written by bundle <= 0.7 (it has no critic_stall state), which 0.8 cannot resume: start a "
+            "new run in another --ckpt_dir. Its model*.pt files still load for evaluation and inference."
+        )
     return path

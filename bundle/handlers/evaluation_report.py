@@ -89,7 +89,7 @@ class EvaluationReportHandler:
         """The 95% interval of the specificity on ``m`` normal images (None when the model does not record how its
         threshold was set); logs it beside the ``realised`` one, as a warning when that falls outside."""
         n, rank = self.settings.get("threshold_normals"), self.settings.get("threshold_rank")
-        if not (n and rank and m):
+        if not (n and rank and m) or self.threshold != self.settings.get("threshold"):  # not the model's threshold
             return None
         low, high = specificity_interval(int(n), int(rank), m)
         promised = self.settings.get("specificity")
