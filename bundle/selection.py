@@ -195,11 +195,6 @@ def _save_atomic(obj: dict, path: str) -> None:
     write_atomic(lambda f: torch.save(obj, f), path)
 
 
-def _record_of(training_record: Any) -> dict[str, Any]:
-    """What a training monitor (e.g. :class:`~bundle.handlers.CriticStallDetector`) adds to the settings."""
-    return training_record.record() if training_record is not None else {}
-
-
 class PseudoOperatingPoint(OperatingPointHandler):
     """:class:`~bundle.handlers.OperatingPointHandler` for the pseudo-AUC hold-out: the thresholds come from the
     held-out normal images (label 0). Label 1 marks unlabeled images, so no sensitivity is reported; the settings
@@ -221,7 +216,27 @@ class PseudoOperatingPoint(OperatingPointHandler):
                 self.operating_point[key] = state[key]
 
 
-class BestModelSaver:
+class _ModelFileWriter:
+    """Writes ``network`` in the ``models/model.pt`` format to ``save_dir/filename``: its state dict with
+    ``settings.state_dict()``, the given extra settings and ``training_record.record()`` (e.g. the
+    :class:`~bundle.handlers.CriticStallDetector`'s), if one is given."""
+
+    def __init__(
+        self, save_dir: str, filename: str, network: nn.Module, settings: Any, training_record: Any = None
+    ) -> None:
+        self.path = os.path.join(save_dir, filename)
+        self.network = network
+        self.settings = settings
+        self.training_record = training_record
+
+    def _write(self, **extra: Any) -> None:
+        settings = {**self.settings.state_dict(), **extra}
+        if self.training_record is not None:
+            settings.update(self.training_record.record())
+        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
+
+
+class BestModelSaver(_ModelFileWriter):
     """Validation handler that writes the network's state dict with its settings (the ``models/model.pt`` format,
     :func:`bundle.settings.model_file_contents`) to ``save_dir/filename`` whenever the evaluator's ``metric_name``
     beats the best so far.
@@ -254,13 +269,10 @@ class BestModelSaver:
         resume: bool = False,
         training_record: Any = None,
     ) -> None:
+        super().__init__(save_dir, filename, network, settings, training_record)
         self.rank_zero_only = True
-        self.path = os.path.join(save_dir, filename)
-        self.network = network
-        self.settings = settings
         self.trainer = trainer
         self.metric_name = metric_name
-        self.training_record = training_record
         self.best = -math.inf
         if resume and os.path.isfile(self.path):
             stored = read_model(self.path)[1] or {}
@@ -283,13 +295,11 @@ class BestModelSaver:
             return
         self.best = value
         iteration = self.trainer.state.iteration if self.trainer is not None else None
-        settings = {**self.settings.state_dict(), self.metric_name: value, "iteration": iteration}
-        settings.update(selected_by=self.metric_name, **_record_of(self.training_record))
-        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
+        self._write(**{self.metric_name: value}, iteration=iteration, selected_by=self.metric_name)
         logger.info(f"saved {self.path} ({self.metric_name} {value:.4f} at iteration {iteration})")
 
 
-class LastModelSaver:
+class LastModelSaver(_ModelFileWriter):
     """Training handler that writes the final generator in the ``models/model.pt`` format when training completes
     (also after an early stop or the time limit).
 
@@ -315,10 +325,7 @@ class LastModelSaver:
         evaluator: Engine,
         training_record: Any = None,
     ) -> None:
-        self.path = os.path.join(save_dir, filename)
-        self.training_record = training_record
-        self.network = network
-        self.settings = settings
+        super().__init__(save_dir, filename, network, settings, training_record)
         self.evaluator = evaluator
         self._validated_at: int | None = None
         self._trainer: Engine | None = None
@@ -338,7 +345,5 @@ class LastModelSaver:
             self.evaluator.run(engine.state.epoch)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        settings = {**self.settings.state_dict(), "iteration": iteration, "selected_by": "last"}
-        settings.update(_record_of(self.training_record))
-        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
+        self._write(iteration=iteration, selected_by="last")
         logger.info(f"saved {self.path} (the generator at iteration {iteration})")
