@@ -3,4 +3,16 @@
 
 __version__ = "0.8.0"
 
-from . import data, demo, engines, handlers, losses, networks, schedules, settings, transforms, visualize  # noqa: E402
+from . import (  # noqa: E402
+    data,
+    demo,
+    engines,
+    handlers,
+    losses,
+    networks,
+    pretrained,
+    schedules,
+    settings,
+    transforms,
+    visualize,
+)

@@ -1,8 +1,13 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """Assemble a MONAI model-zoo bundle folder (and its zip) from this repository and a trained model.
 
+    python scripts/export_bundle.py --output_dir dist
+
+exports the shipped pretrained model (``pretrained/``, the paediatric chest X-ray model) with its test metrics as
+``sagan_paediatric_cxr_anomaly``; a model of your own:
+
     python scripts/export_bundle.py --model models/model.pt --metrics eval/metrics.json --output_dir dist \
-        [--name sagan_xray_anomaly]
+        --name my_sagan_anomaly
 
 writes ``dist/<name>/`` in the zoo layout and ``dist/<name>.zip``:
 
@@ -52,6 +57,7 @@ from monai.bundle import ckpt_export  # noqa: E402
 from zoo_premerge import write_zoo_unit_test  # noqa: E402
 
 from bundle.demo import make_demo_dataset  # noqa: E402
+from bundle.pretrained import PRETRAINED_DIR, pretrained_manifest, pretrained_model_path  # noqa: E402
 from bundle.settings import load_model_settings, model_file_contents, read_model  # noqa: E402
 
 LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files --maxkb=1024 refuses larger files
@@ -128,6 +134,8 @@ def check_metrics(metrics: dict, metrics_file: str, model: str, settings: dict) 
     """The metrics must be the model's own (same file, same operating threshold: a model trained again in the same
     place has another), on a test split (the zoo's eval_metrics are test-set figures)."""
     checkpoint = metrics.get("checkpoint")
+    if checkpoint and not os.path.isabs(checkpoint) and not os.path.isfile(checkpoint):
+        checkpoint = os.path.join(ROOT, checkpoint)  # evaluated from the repository root
     same_file = bool(checkpoint) and os.path.isfile(checkpoint) and os.path.samefile(checkpoint, model)
     if not same_file or metrics.get("threshold") != settings["threshold"]:
         raise ValueError(
@@ -158,8 +166,9 @@ def data_terms(dataset: str, data_license: str | None) -> str:
     )
 
 
-def model_card_header(settings: dict, metrics: dict, dataset: str) -> str:
-    """The first section of the exported docs/README.md: what this model is and how it scored."""
+def model_card_header(settings: dict, metrics: dict, dataset: str, use: dict | None = None) -> str:
+    """The first section of the exported docs/README.md: what this model is and how it scored; ``use``: the
+    ``description``, ``intended_use`` and ``not_for`` of the shipped pretrained model (its manifest)."""
     net = settings["network_def"]
     lines = [
         "# This bundle's model",
@@ -176,6 +185,14 @@ def model_card_header(settings: dict, metrics: dict, dataset: str) -> str:
         "- Research use only: not for clinical diagnosis.",
         "",
     ]
+    if use:
+        lines[1:1] = [
+            "",
+            f"{use['description']}.",
+            "",
+            f"- Intended use: {use['intended_use']}",
+            f"- Do not use it on: {use['not_for']}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -213,15 +230,17 @@ def write_json(path: str, data: Any) -> None:
 def export(
     model: str,
     output_dir: str,
-    name: str = "sagan_xray_anomaly",
+    name: str = "sagan_anomaly",
     bump: str = "patch",
     changelog: str | None = None,
     metrics_file: str | None = None,
     url_base: str = "https://REPLACE-WITH-HOSTING-URL",
     make_zip: bool = True,
     data_license: str | None = None,
+    use: dict | None = None,
 ) -> str:
-    """Writes ``output_dir/name`` (and ``output_dir/name.zip``); returns the folder."""
+    """Writes ``output_dir/name`` (and ``output_dir/name.zip``); returns the folder. ``use``: see
+    :func:`model_card_header`."""
     check_name(name)
     settings = load_model_settings(model)
     if settings.get("threshold") is None:
@@ -261,7 +280,7 @@ def export(
         for doc in DOCS:
             text = localise_links(open(os.path.join(ROOT, "docs", doc)).read(), exported_docs)
             if doc == "README.md":
-                text = model_card_header(settings, metrics, metrics["dataset"]) + text
+                text = model_card_header(settings, metrics, metrics["dataset"], use) + text
             with open(os.path.join(work, "docs", doc), "w") as f:
                 f.write(text)
         shutil.copy(os.path.join(ROOT, "LICENSE"), work)
@@ -312,15 +331,15 @@ def export(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.path.join("models", "model.pt"), help="trained model.pt")
+    parser.add_argument("--model", help="a trained model.pt (default: the shipped pretrained model)")
     parser.add_argument("--output_dir", default="dist", help="where dist/<name>/ and dist/<name>.zip go")
-    parser.add_argument("--name", default="sagan_xray_anomaly", help="bundle name (zoo pattern)")
+    parser.add_argument("--name", help="bundle name, zoo pattern (default for the pretrained model: its bundle_name)")
     parser.add_argument("--bump", choices=("patch", "minor", "major"), default="patch", help="version part to bump")
     parser.add_argument("--changelog", help="changelog entry of the new version (default: the model's settings)")
     parser.add_argument(
         "--metrics",
-        default=os.path.join("eval", "metrics.json"),
-        help="metrics.json of `run evaluating` on the model's test split: its eval_metrics, data and licence",
+        help="metrics.json of `run evaluating` on the model's test split: its eval_metrics, data and licence "
+        "(default: eval/metrics.json; for the pretrained model pretrained/metrics_test.json)",
     )
     parser.add_argument("--data_license", help="a text file with the training data's terms (for unknown data sets)")
     parser.add_argument("--url_base", default="https://REPLACE-WITH-HOSTING-URL", help="URL prefix of large files")
@@ -328,16 +347,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    use = None
+    if args.model is None:
+        use = pretrained_manifest()
+        args.model = pretrained_model_path()
+        args.metrics = args.metrics or os.path.join(PRETRAINED_DIR, "metrics_test.json")
+        args.name = args.name or use["bundle_name"]
+    elif not args.name:
+        parser.error("--name is required for a model of your own (say what it detects, e.g. my_cxr_anomaly)")
     folder = export(
         args.model,
         args.output_dir,
         args.name,
         args.bump,
         args.changelog,
-        args.metrics,
+        args.metrics or os.path.join("eval", "metrics.json"),
         args.url_base,
         not args.no_zip,
         args.data_license,
+        use,
     )
     print(f"exported {folder} in {time.perf_counter() - start:.1f} s")
 

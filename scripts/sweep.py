@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Run several `monai.bundle run training` configurations (x seeds) and report the best val AUC of each.
+"""Run several `monai.bundle run training` configurations (x seeds) and report, per configuration, the best val
+AUC, the critic stalls and the minutes until val AUC first reached ``--quality`` (time to quality).
 
-Selection uses the `val` split only. Example (the sweep that chose the `cpu` preset, see docs/results.md):
+Selection uses the `val` split only. Each configuration is ``{config key: value}``; the key ``config_files`` (a list)
+adds preset files after configs/train.json. Example (the sweep that chose the `cpu` preset, see docs/results.md):
 
     python scripts/sweep.py --dataset_dir ../shared/data/kermany_pneumonia --out runs/sweep \\
         --runs scripts/cpu_preset_sweep.json --seeds 0 1 --parallel 4
@@ -19,14 +21,34 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 BEST = re.compile(r"Key metric: val_auc best value: ([0-9.]+) at epoch: (\d+)")
-VAL = re.compile(r"Epoch\[(\d+)\] Metrics -- val_ap: ([0-9.]+) val_auc: ([0-9.]+)")
+STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (?:[\w.]+ - )?INFO - "
+VAL = re.compile(STAMP + r"Epoch\[(\d+)\] Metrics -- val_ap: ([0-9.]+) val_auc: ([0-9.]+)")
+START = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ignite\.engine\.engine\.SAGANTrainer - INFO - Engine run")
+STALL = re.compile(r"critic stalled: iterations (\d+)-(\d+)")
+
+
+def minutes_between(start: str, end: str) -> float:
+    fmt = "%Y-%m-%d %H:%M:%S,%f"
+    return (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds() / 60
+
+
+def time_to_quality(text: str, quality: float) -> float | None:
+    """Training minutes (from the trainer's start, validation included) until val AUC first reached ``quality``."""
+    start = START.search(text)
+    for stamp, _, _, auc in VAL.findall(text):
+        if start and float(auc) >= quality:
+            return round(minutes_between(start.group(1), stamp), 2)
+    return None
 
 
 def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
     out = os.path.join(args.out, f"{name}_seed{seed}")
     os.makedirs(out, exist_ok=True)
+    overrides = dict(overrides)
+    config_files = ["configs/train.json", *overrides.pop("config_files", [])]
     cmd = [
         sys.executable,
         "-m",
@@ -34,7 +56,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> 
         "run",
         "training",
         "--config_file",
-        "configs/train.json",
+        json.dumps(config_files),
         "--meta_file",
         "metadata.json",
         "--dataset_dir",
@@ -53,7 +75,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> 
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     text = open(os.path.join(out, "log.txt")).read()
     best = BEST.findall(text)
-    curve = [(int(e), float(auc), float(ap)) for e, ap, auc in VAL.findall(text)]
+    curve = [(int(e), float(auc), float(ap)) for _, e, ap, auc in VAL.findall(text)]
     return {
         "name": name,
         "seed": seed,
@@ -62,6 +84,8 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> 
         "best_val_auc": float(best[-1][0]) if best else None,
         "best_epoch": int(best[-1][1]) if best else None,
         "val_curve": curve,
+        "stalls": [[int(a), int(b)] for a, b in STALL.findall(text)],
+        "minutes_to_quality": time_to_quality(text, args.quality),
         "overrides": overrides,
     }
 
@@ -73,6 +97,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--quality", type=float, default=0.95, help="val AUC of the time-to-quality column")
     args = p.parse_args()
     with open(args.runs) as f:
         runs = json.load(f)
@@ -81,13 +106,22 @@ def main() -> None:
         results = list(pool.map(lambda j: run_one(*j, args), jobs))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"{'run':28s} {'seeds':>5s} {'best val AUC mean':>18s} {'sd':>6s} {'s/run':>7s}")
+    print(
+        f"{'run':28s} {'seeds':>5s} {'best val AUC mean':>18s} {'sd':>6s} {'stalled':>7s} "
+        f"{'median min to ' + str(args.quality):>20s} {'s/run':>7s}"
+    )
     for name in runs:
-        aucs = [r["best_val_auc"] for r in results if r["name"] == name and r["best_val_auc"] is not None]
-        secs = [r["seconds"] for r in results if r["name"] == name]
+        mine = [r for r in results if r["name"] == name]
+        aucs = [r["best_val_auc"] for r in mine if r["best_val_auc"] is not None]
+        reached = [r["minutes_to_quality"] for r in mine if r["minutes_to_quality"] is not None]
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
         mean = statistics.mean(aucs) if aucs else float("nan")
-        print(f"{name:28s} {len(aucs):5d} {mean:18.4f} {sd:6.4f} {statistics.mean(secs):7.1f}")
+        ttq = f"{statistics.median(reached):.1f} ({len(reached)}/{len(mine)})" if reached else f"- (0/{len(mine)})"
+        stalled = sum(1 for r in mine if r["stalls"])
+        print(
+            f"{name:28s} {len(aucs):5d} {mean:18.4f} {sd:6.4f} {stalled:7d} {ttq:>20s} "
+            f"{statistics.mean(r['seconds'] for r in mine):7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ command1=$(awk '/^```bash$/ {inside = 1; next} inside && /^```$/ {exit} inside' 
 echo "+ $command1"
 bash -euo pipefail -c "$command1"
 .venv/bin/python -m monai.bundle run training --config_file configs/train.json --resume True
-.venv/bin/python scripts/export_bundle.py --model models/model.pt --metrics eval/metrics.json --output_dir dist
-for path in models/model.pt eval/metrics.json data/demo/data.json dist/sagan_xray_anomaly.zip; do
+.venv/bin/python scripts/export_bundle.py --model models/model.pt --metrics eval/metrics.json --output_dir dist --name sagan_demo_anomaly
+for path in models/model.pt eval/metrics.json data/demo/data.json dist/sagan_demo_anomaly.zip; do
     [ -e "$path" ] || { echo "$0: $path missing after the user's commands" >&2; exit 1; }
 done
 if [ $# -eq 0 ]; then

@@ -2,15 +2,19 @@
 in the log, in TensorBoard and in the record the model savers write; a short flat start is not a stall."""
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from ignite.engine import Engine
 
-from bundle.handlers import CriticStallDetector
+from bundle.engines import SAGANTrainer
+from bundle.handlers import CriticStallDetector, RestartCritic
 from bundle.losses import critic_loss_terms
+from bundle.networks import SAGANCritic
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAT = {"gp": 0.99, "d_grad_norm": 0.004}
 HEALTHY = {"gp": 0.2, "d_grad_norm": 0.7}
 
@@ -50,7 +54,11 @@ def test_a_lasting_stall_is_reported_once_and_recorded(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "critic stalled: iterations 51-250" in warnings[0].getMessage()
     assert "left its stall at iteration 360" in caplog.text
-    assert detector.record() == {"critic_stalls": [[51, 360]], "critic_stall_iterations": 309}
+    assert detector.record() == {
+        "critic_stalls": [[51, 360]],
+        "critic_stall_iterations": 309,
+        "critic_stall_remedies": 0,
+    }
     stalled = {step: value for tag, value, step in writer.scalars if tag == "critic_stalled"}
     assert stalled[240] == 0.0 and stalled[250] == 1.0 and stalled[350] == 1.0 and stalled[360] == 0.0
 
@@ -59,7 +67,11 @@ def test_a_short_flat_start_and_a_large_gradient_are_not_stalls(caplog):
     detector = CriticStallDetector(window=200, check_every=10)
     with caplog.at_level(logging.WARNING, logger="bundle.handlers.critic_stall"):
         train(detector, [(150, FLAT), (300, HEALTHY), (300, {"gp": 1.0, "d_grad_norm": 2.0})])
-    assert not caplog.records and detector.record() == {"critic_stalls": [], "critic_stall_iterations": 0}
+    assert not caplog.records and detector.record() == {
+        "critic_stalls": [],
+        "critic_stall_iterations": 0,
+        "critic_stall_remedies": 0,
+    }
 
 
 def test_state_survives_a_resume_mid_stall():
@@ -70,7 +82,11 @@ def test_state_survives_a_resume_mid_stall():
     resumed = CriticStallDetector(window=100)
     resumed.load_state_dict(first.state_dict())
     checks(resumed, [(20, HEALTHY), (200, FLAT)], start=150)
-    assert resumed.record() == whole.record() == {"critic_stalls": [[21, None]], "critic_stall_iterations": 200}
+    assert (
+        resumed.record()
+        == whole.record()
+        == {"critic_stalls": [[21, None]], "critic_stall_iterations": 200, "critic_stall_remedies": 0}
+    )
 
 
 def test_critic_loss_terms_report_the_input_gradient_norm():
@@ -86,3 +102,80 @@ def test_critic_loss_terms_report_the_input_gradient_norm():
     assert float(terms["d_grad_norm"]) == pytest.approx(1.0)
     assert float(terms["gp"].detach()) == pytest.approx(0.0, abs=1e-10)
     assert not terms["d_grad_norm"].requires_grad
+
+
+def test_the_remedy_runs_once_per_stall_and_a_new_stall_needs_a_new_window(caplog):
+    calls = []
+    detector = CriticStallDetector(
+        window=100, check_every=10, on_stall=lambda engine: calls.append(engine.state.iteration)
+    )
+    with caplog.at_level(logging.WARNING, logger="bundle.handlers.critic_stall"):
+        train(detector, [(20, HEALTHY), (250, FLAT), (30, HEALTHY)])
+    # flat from 21: remedy at 120, again after 100 more flat iterations (220), not at 270 (only 50 flat by then)
+    assert calls == [120, 220]
+    assert detector.record() == {
+        "critic_stalls": [[21, 121], [121, 221]],
+        "critic_stall_iterations": 200,
+        "critic_stall_remedies": 2,
+    }
+    assert sum("applied the remedy" in r.getMessage() for r in caplog.records) == 2
+    resumed = CriticStallDetector(window=100, on_stall=lambda engine: None)
+    resumed.load_state_dict(detector.state_dict())
+    assert resumed.record() == detector.record()
+
+
+def test_restart_critic_draws_fresh_weights_and_clears_the_optimiser_in_place():
+    torch.manual_seed(0)
+    critic = SAGANCritic(conv_dim=4, num_layers=3)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    critic(torch.randn(2, 1, 16, 16)).mean().backward()
+    optimizer.step()
+    params = list(critic.parameters())
+    before = [p.detach().clone() for p in params]
+    states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    torch.manual_seed(1)
+    RestartCritic(critic, optimizer)()
+    torch.manual_seed(1)
+    fresh = SAGANCritic(conv_dim=4, num_layers=3)
+    assert all(p is q for p, q in zip(params, critic.parameters()))  # same tensors (CUDA graphs, optimiser)
+    for p, b, f in zip(critic.parameters(), before, fresh.parameters()):
+        assert not torch.equal(p, b)
+        assert torch.equal(p, f)  # the layers' own initialisation, from torch's random stream
+    assert states and all(not t.any() for t in states)
+    assert all(
+        t is u for t, u in zip(states, [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)])
+    )
+
+
+@pytest.mark.parametrize(
+    "n_critic, warmup, warmup_n_critic, expected",
+    [
+        (2, 0, 5, [2, 4, 6, 8, 10, 12]),
+        (2, 6, 3, [3, 6, 8, 10, 12]),
+        (2, 5, 5, [5, 6, 8, 10, 12]),
+        (1, 4, 2, [2, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+    ],
+)
+def test_generator_steps_follow_the_critic_warmup(n_critic, warmup, warmup_n_critic, expected):
+    trainer = SimpleNamespace(
+        n_critic=n_critic, critic_warmup_iterations=warmup, critic_warmup_n_critic=warmup_n_critic
+    )
+    assert [i for i in range(1, 13) if SAGANTrainer.generator_step_due(trainer, i)] == expected
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_train_json_wires_the_restart_switch(tmp_path, restart):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    parser.config.update(
+        {"bundle_root": ROOT, "output_dir": str(tmp_path), "device": "cpu", "critic_restart_on_stall": restart}
+    )
+    detector = parser.get_parsed_content("train#critic_stall")
+    if not restart:
+        assert detector.on_stall is None
+        return
+    assert isinstance(detector.on_stall, RestartCritic)
+    assert detector.on_stall.critic is parser.get_parsed_content("discriminator")
+    assert detector.on_stall.optimizer is parser.get_parsed_content("d_optimizer")

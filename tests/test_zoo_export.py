@@ -19,7 +19,7 @@ from bundle.settings import generator_from_settings, read_model
 
 from .conftest import ROOT
 
-NAME = "sagan_xray_anomaly"
+NAME = "sagan_demo_anomaly"
 # the README's ONNX export: a dynamic batch axis
 ONNX_DYNAMIC_BATCH = (
     "{'input_names': ['image'], 'output_names': ['pred'], "
@@ -57,7 +57,7 @@ def exported(tiny_dataset, tmp_path_factory):
     export = os.path.join(ROOT, "scripts", "export_bundle.py")
     run(
         [sys.executable, export, "--model", str(work / "models" / "model.pt"), "--output_dir", str(work / "dist"),
-         "--metrics", str(work / "eval" / "metrics.json"), "--data_license", str(work / "terms.txt")],
+         "--name", NAME, "--metrics", str(work / "eval" / "metrics.json"), "--data_license", str(work / "terms.txt")],
         cwd=work,
     )  # fmt: skip
     return work, work / "dist" / NAME
@@ -105,6 +105,7 @@ def test_large_files_are_listed_with_hash_and_left_out_of_the_zip(exported, tmp_
     folder = export_bundle.export(
         str(work / "models" / "model.pt"),
         str(tmp_path),
+        NAME,
         metrics_file=str(work / "eval" / "metrics.json"),
         url_base="https://host/x",
         data_license=str(work / "terms.txt"),
@@ -240,17 +241,19 @@ def test_export_refuses_metrics_of_another_model_and_unknown_data_terms(exported
     work, _ = exported
     model, metrics = str(work / "models" / "model.pt"), str(work / "eval" / "metrics.json")
     with pytest.raises(FileNotFoundError, match="run `python -m monai.bundle run evaluating"):
-        export_bundle.export(model, str(tmp_path), metrics_file=str(tmp_path / "absent.json"))
+        export_bundle.export(model, str(tmp_path), NAME, metrics_file=str(tmp_path / "absent.json"))
     with pytest.raises(ValueError, match="pass --data_license"):
-        export_bundle.export(model, str(tmp_path), metrics_file=metrics)
+        export_bundle.export(model, str(tmp_path), NAME, metrics_file=metrics)
     other = tmp_path / "other.pt"
     shutil.copy(model, other)
     with pytest.raises(ValueError, match="not an evaluation of .*other.pt"):
-        export_bundle.export(str(other), str(tmp_path), metrics_file=metrics, data_license=str(work / "terms.txt"))
+        export_bundle.export(
+            str(other), str(tmp_path), NAME, metrics_file=metrics, data_license=str(work / "terms.txt")
+        )
     stale = tmp_path / "stale.json"  # the same path evaluated before the model was trained again
     stale.write_text(json.dumps({**json.load(open(metrics)), "threshold": 12.5}))
     with pytest.raises(ValueError, match="the model's threshold is"):
-        export_bundle.export(model, str(tmp_path), metrics_file=str(stale), data_license=str(work / "terms.txt"))
+        export_bundle.export(model, str(tmp_path), NAME, metrics_file=str(stale), data_license=str(work / "terms.txt"))
     assert not (tmp_path / NAME).exists()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import ROOT, TINY_SIZES
 
-NAME = "sagan_xray_anomaly"
+NAME = "sagan_demo_anomaly"
 TINY = ["--conv_dim", "4", "--num_res_blocks", "1", "--d_conv_dim", "4", "--batch_size", "4", "--val_interval", "2"]
 SCRIPTS = os.path.join(ROOT, "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -84,7 +84,7 @@ def exported(tmp_path_factory):
     )  # fmt: skip
     check(
         [sys.executable, os.path.join(SCRIPTS, "export_bundle.py"), "--model", model, "--metrics",
-         str(work / "eval" / "metrics.json"), "--output_dir", str(work / "dist")],
+         str(work / "eval" / "metrics.json"), "--output_dir", str(work / "dist"), "--name", NAME],
         cwd=work,
     )  # fmt: skip
     return work / "dist" / NAME

@@ -208,6 +208,10 @@ class SAGANTrainer(Trainer):
             ``epoch_length`` iterations, e.g. the validation interval; the loader restarts when exhausted).
         g_network, g_optimizer, d_network, d_optimizer: generator and critic with their optimisers.
         n_critic: critic steps per generator step.
+        critic_warmup_iterations, critic_warmup_n_critic: a critic warm-up (a stall remedy, off by default): during
+            the first ``critic_warmup_iterations`` iterations the generator steps only every
+            ``critic_warmup_n_critic``-th iteration, so the critic learns a useful gradient before the generator
+            moves (the original WGAN schedule trained the critic more at the start for the same reason).
         lambda_gp, lambda_identity, lambda_restoration: loss weights.
         seed: with a seed, a resumed run whose checkpoint holds no random states (older checkpoints) reseeds
             torch, numpy and the data set's random state with ``seed + iteration``, so that it does not replay the
@@ -231,6 +235,8 @@ class SAGANTrainer(Trainer):
         d_optimizer: Optimizer,
         epoch_length: int | None = None,
         n_critic: int = 2,
+        critic_warmup_iterations: int = 0,
+        critic_warmup_n_critic: int = 5,
         lambda_gp: float = 10.0,
         lambda_identity: float = 1.0,
         lambda_restoration: float = 1.0,
@@ -257,8 +263,12 @@ class SAGANTrainer(Trainer):
             handlers=train_handlers,
             decollate=False,
         )
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
+        if n_critic < 1 or critic_warmup_n_critic < 1:
+            raise ValueError(
+                f"n_critic and critic_warmup_n_critic must be >= 1, got {n_critic}, {critic_warmup_n_critic}."
+            )
+        if critic_warmup_iterations < 0:
+            raise ValueError(f"critic_warmup_iterations must be >= 0, got {critic_warmup_iterations}.")
         check_loader_has_batches(train_data_loader)
         require_bool(
             share_clean_patches=share_clean_patches,
@@ -279,6 +289,8 @@ class SAGANTrainer(Trainer):
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.n_critic = n_critic
+        self.critic_warmup_iterations = critic_warmup_iterations
+        self.critic_warmup_n_critic = critic_warmup_n_critic
         self.lambda_gp = lambda_gp
         self.lambda_identity = lambda_identity
         self.lambda_restoration = lambda_restoration
@@ -417,7 +429,7 @@ class SAGANTrainer(Trainer):
         if batchdata is None:
             raise ValueError("empty batch from the training data loader.")
         x_n, x_u, x_p = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        update_g = engine.state.iteration % engine.n_critic == 0
+        update_g = engine.generator_step_due(engine.state.iteration)
         engine.g_network.train()
         engine.d_network.train()
         plan = engine.patch_plan(x_n, x_p) if update_g else None
@@ -429,6 +441,12 @@ class SAGANTrainer(Trainer):
             engine._last_g_terms = {k: v.detach() for k, v in g_terms.items()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return {**{k: v.detach() for k, v in d_terms.items()}, **engine._last_g_terms}
+
+    def generator_step_due(self, iteration: int) -> bool:
+        """Whether iteration ``iteration`` (1-based) also steps the generator: every ``n_critic``-th iteration, every
+        ``critic_warmup_n_critic``-th during the critic warm-up."""
+        in_warmup = iteration <= self.critic_warmup_iterations
+        return iteration % (self.critic_warmup_n_critic if in_warmup else self.n_critic) == 0
 
     def training_step(
         self,

@@ -1,5 +1,5 @@
 from .checkpoint import AtomicCheckpointSaver, latest_checkpoint, resume_checkpoint
-from .critic_stall import CriticStallDetector
+from .critic_stall import CriticStallDetector, RestartCritic
 from .evaluation_report import EvaluationReportHandler, precision_recall_curve, roc_curve
 from .model_loader import GeneratorLoader
 from .operating_point import OperatingPointHandler

@@ -10,8 +10,9 @@ Start (from the repository root, after ``bash scripts/setup_monailabel.sh``, whi
 
 Conf options (``--conf KEY VALUE``):
     bundle: the bundle folder (default: the repository that holds this app).
-    model_dir: where the train task publishes ``model.pt`` (default: ``<studies>/.sagan``); a model there is served
-        in preference to the bundle's ``models/model.pt``.
+    model_dir: where the train task publishes ``model.pt`` (default: ``<studies>/.sagan``). Served: the model
+        there, else the bundle's ``models/model.pt``, else the shipped pretrained model (``pretrained/``, paediatric
+        chest X-rays; its sha256 is checked).
     extensions: comma-separated image patterns of the datastore (default: png, jpg, jpeg, bmp, dcm, nii, nii.gz;
         sub-folders holding DICOM files are DICOM series).
     min_region_size: smallest anomaly region, in pixels of the model's 64x64 grid (default 8).
@@ -57,6 +58,19 @@ def _import_path(path: str) -> None:
 logger = logging.getLogger(__name__)
 
 
+def _pretrained_model(bundle_root: str) -> list[str]:
+    """``[path]`` of the bundle's shipped pretrained model when it is there and its hash is right, else ``[]``."""
+    from bundle.pretrained import pretrained_model_path
+
+    try:
+        return [pretrained_model_path(os.path.join(bundle_root, "pretrained"))]
+    except FileNotFoundError:
+        return []
+    except ValueError as e:
+        logger.error(f"not serving the pretrained model: {e}")
+        return []
+
+
 def _is_upload(path: str, studies: str) -> bool:
     """Whether ``path`` is the server's temporary copy of an uploaded file (not a datastore image)."""
     return not os.path.realpath(path).startswith(os.path.realpath(studies) + os.sep)
@@ -77,7 +91,12 @@ class SAGANApp(MONAILabelApp):
         default_dir = os.path.join(app_dir, "model") if remote else os.path.join(studies, ".sagan")
         self.model_dir = os.path.realpath(conf.get("model_dir") or default_dir)
         self.published_model = os.path.join(self.model_dir, "model.pt")
-        self.model_paths = [os.path.join(self.bundle_root, "models", "model.pt"), self.published_model]
+        # served: the last one that exists
+        self.model_paths = [
+            *_pretrained_model(self.bundle_root),
+            os.path.join(self.bundle_root, "models", "model.pt"),
+            self.published_model,
+        ]
         with open(os.path.join(self.bundle_root, "metadata.json")) as f:
             version = json.load(f).get("version", "")
         super().__init__(
