@@ -111,7 +111,7 @@ def test_hparams_are_the_constructor_arguments():
         "keep_prob": 0.9,
     }
     d = SAGANCritic(conv_dim=4, num_layers=4, negative_slope=0.2)
-    assert d.hparams == {"in_channels": 1, "conv_dim": 4, "num_layers": 4, "negative_slope": 0.2}
+    assert d.hparams == {"in_channels": 1, "conv_dim": 4, "num_layers": 4, "negative_slope": 0.2, "init": "default"}
     b = BrainomalyGenerator(conv_dim=8, num_res_blocks=2)
     assert b.hparams == {"in_channels": 1, "conv_dim": 8, "num_res_blocks": 2}
     for net in (g, d, b):

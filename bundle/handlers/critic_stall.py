@@ -136,8 +136,8 @@ class CriticStallDetector:
 
 
 class RestartCritic:
-    """Stall remedy: re-initialise the critic (each layer's own ``reset_parameters``, drawn from torch's random
-    stream) and zero its optimiser's state (Adam's moments and step count), in place, so that CUDA graphs and
+    """Stall remedy: re-initialise the critic (its ``reset_parameters``, which keeps the critic's chosen
+    initialisation, else each layer's own; drawn from torch's random stream) and zero its optimiser's state (Adam's moments and step count), in place, so that CUDA graphs and
     checkpoints keep pointing at the same tensors. A fresh critic has a non-zero input gradient again; the generator
     keeps what it learnt. Not for multi-process training (each process would decide from its own losses).
 
@@ -155,11 +155,14 @@ class RestartCritic:
                 raise RuntimeError(
                     "RestartCritic cannot run in multi-process training; set critic_stall_remedy to null there."
                 )
+        critic = getattr(self.critic, "module", self.critic)  # a DataParallel-like wrapper
         with torch.no_grad():
-            for module in self.critic.modules():
-                reset = getattr(module, "reset_parameters", None)
-                if callable(reset) and any(True for _ in module.parameters(recurse=False)):
-                    reset()
+            if callable(getattr(critic, "reset_parameters", None)):
+                critic.reset_parameters()
+            else:
+                for module in critic.modules():
+                    if callable(getattr(module, "reset_parameters", None)) and any(module.parameters(recurse=False)):
+                        module.reset_parameters()
             for state in self.optimizer.state.values():
                 for value in state.values():
                     if torch.is_tensor(value):
