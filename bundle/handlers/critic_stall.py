@@ -137,9 +137,11 @@ class CriticStallDetector:
 
 class RestartCritic:
     """Stall remedy: re-initialise the critic (its ``reset_parameters``, which keeps the critic's chosen
-    initialisation, else each layer's own; drawn from torch's random stream) and zero its optimiser's state (Adam's moments and step count), in place, so that CUDA graphs and
-    checkpoints keep pointing at the same tensors. A fresh critic has a non-zero input gradient again; the generator
-    keeps what it learnt. Not for multi-process training (each process would decide from its own losses).
+    initialisation, else each layer's own; drawn from torch's random stream) and zero its optimiser's state (Adam's
+    moments and step count), in place, so that CUDA graphs and checkpoints keep pointing at the same tensors. The
+    generator keeps what it learnt. A fresh critic with the default initialisation starts flat again (see
+    :class:`~bundle.networks.SAGANCritic`'s ``init``). Not for multi-process training (each process would decide
+    from its own losses).
 
     Args:
         critic: the critic network.
