@@ -6,6 +6,7 @@ __version__ = "0.8.0"
 from . import (  # noqa: E402
     data,
     demo,
+    domain,
     engines,
     handlers,
     losses,

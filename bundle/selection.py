@@ -218,8 +218,8 @@ class PseudoOperatingPoint(OperatingPointHandler):
 
 class _ModelFileWriter:
     """Writes ``network`` in the ``models/model.pt`` format to ``save_dir/filename``: its state dict with
-    ``settings.state_dict()``, the given extra settings and ``training_record.record()`` (e.g. the
-    :class:`~bundle.handlers.CriticStallDetector`'s), if one is given."""
+    ``settings.state_dict()``, the given extra settings and the ``record()`` of each training record given (one or a
+    list: e.g. the :class:`~bundle.handlers.CriticStallDetector`, the :class:`~bundle.domain.DomainRecord`)."""
 
     def __init__(
         self, save_dir: str, filename: str, network: nn.Module, settings: Any, training_record: Any = None
@@ -231,8 +231,10 @@ class _ModelFileWriter:
 
     def _write(self, **extra: Any) -> None:
         settings = {**self.settings.state_dict(), **extra}
-        if self.training_record is not None:
-            settings.update(self.training_record.record())
+        records = self.training_record if isinstance(self.training_record, (list, tuple)) else [self.training_record]
+        for record in records:
+            if record is not None:
+                settings.update(record.record())
         _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
 
 

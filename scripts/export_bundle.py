@@ -110,6 +110,7 @@ def exported_inference_config(config: dict, settings: dict) -> dict:
     for key in SETTING_KEYS:
         config[key] = settings[key]
     config["pixel_threshold"] = settings.get("pixel_threshold")
+    config["domain"] = settings.get("domain")
     config["network_def"] = dict(settings["network_def"])
     return config
 

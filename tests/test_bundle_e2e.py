@@ -136,6 +136,10 @@ def test_evaluating_writes_report(trained, tiny_dataset):
     assert metrics["n_normal"] == 6 and metrics["n_abnormal"] == 6 and metrics["split"] == "test"
     rows = list(csv.DictReader(open(out / "eval" / "scores.csv")))
     assert len(rows) == 12 and all(0 <= float(r["score"]) <= 1 for r in rows)
+    # the in-domain check fitted on the training images (12 normal + 12 unlabeled) and stored with the model
+    assert settings["domain"]["n_fit"] == 24
+    outside = [r for r in rows if r["in_domain"] == "0"]
+    assert metrics["out_of_domain"]["n"] == len(outside) <= 1  # test images of the training domain
     for name in ("roc.png", "pr.png", "extremes.png"):
         assert os.path.getsize(out / "eval" / name) > 1000
 
@@ -179,6 +183,10 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     assert all(np.isclose(float(r[1]), alone[r[0]][0], rtol=1e-4) for r in rows)  # batching changes no score
     threshold = read_model(str(out / "models" / "model.pt"))[1]["threshold"]
     assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
+    # in_domain (0/1) and domain_distance: the demo-like PNG is inside, uniform noise (scan.nii.gz) outside
+    inside = {os.path.basename(r[0]): (float(r[3]), float(r[4])) for r in rows}
+    assert inside["chest.png"][0] == 1.0 and inside["scan.nii.gz"][0] == 0.0
+    assert inside["scan.nii.gz"][1] > inside["chest.png"][1] >= 0
     heat = nib.load(out / "infer" / "scan_heatmap.nii.gz")
     assert heat.shape[:2] == (64, 64)
     assert np.allclose(np.abs(np.diag(heat.affine))[:2], [0.5 * 80 / 64, 0.5 * 72 / 64], atol=1e-3)

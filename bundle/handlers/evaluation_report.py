@@ -57,6 +57,10 @@ class EvaluationReportHandler:
     :func:`~bundle.handlers.operating_point.specificity_interval`), prints it beside the realised one and warns
     when the realised one falls outside.
 
+    When the evaluator's items carry ``in_domain`` / ``domain_distance`` (:class:`bundle.domain.DomainCheckd`),
+    ``scores.csv`` has those columns and ``metrics.json`` an ``out_of_domain`` entry: how many images were outside
+    the model's training domain, in all and among the normal and the abnormal ones.
+
     ``metrics.json`` also says which listed images were not scored: ``n_skipped`` and ``skipped``
     (``[{"file", "label", "reason"}, ...]``): the bad images that the evaluator's data set (``ImageCache`` with
     ``on_bad_image="skip"``) left out, and any other listed image missing from the scores. An image scored more
@@ -77,6 +81,7 @@ class EvaluationReportHandler:
         self.top_k = top_k
         self.extra_info = extra_info or {}
         self.rows: list[tuple[str, int, float]] = []
+        self.domain: list[tuple[float, float]] = []  # (in_domain 0/1, domain_distance) per row, when the model has it
         self.images: list[torch.Tensor] = []
         self.restored: list[torch.Tensor] = []
 
@@ -107,11 +112,13 @@ class EvaluationReportHandler:
         return [low, high]
 
     def _reset(self, engine: Engine) -> None:
-        self.rows, self.images, self.restored = [], [], []
+        self.rows, self.images, self.restored, self.domain = [], [], [], []
 
     def _collect(self, engine: Engine) -> None:
         for source, item in zip(engine.state.batch, engine.state.output):  # both decollated
             self.rows.append((str(source["filename"]), int(item["label"]), float(item["score"].item())))
+            if "in_domain" in item:
+                self.domain.append((float(item["in_domain"].item()), float(item["domain_distance"].item())))
             self.images.append(torch.as_tensor(item["image"]).detach().cpu())
             self.restored.append(torch.as_tensor(item["pred"]).detach().cpu())
 
@@ -162,14 +169,31 @@ class EvaluationReportHandler:
             report["specificity_interval"] = self._specificity_interval(metrics["specificity"], report["n_normal"])
         skipped = self._skipped(engine)
         report.update(n_skipped=len(skipped), skipped=skipped)
+        if self.domain and len(self.domain) == len(self.rows):
+            outside = np.array([flag == 0.0 for flag, _ in self.domain])
+            report["out_of_domain"] = {
+                "n": int(outside.sum()),
+                "rate": float(outside.mean()),
+                "rate_normal": float(outside[labels == 0].mean()) if (labels == 0).any() else None,
+                "rate_abnormal": float(outside[labels == 1].mean()) if (labels == 1).any() else None,
+            }
+            if outside.any():
+                logger.warning(
+                    f"{int(outside.sum())} of {len(outside)} images are outside the model's training domain (their "
+                    "scores are not calibrated): in_domain 0 in scores.csv, out_of_domain in metrics.json"
+                )
         report.update(self.extra_info)
         with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=4)
         # a file name that is not UTF-8 (surrogate-escaped by Python) is written as \udcXX instead of failing
         with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="", errors="backslashreplace") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "label", "score"])
-            writer.writerows(self.rows)
+            if self.domain and len(self.domain) == len(self.rows):
+                writer.writerow(["file", "label", "score", "in_domain", "domain_distance"])
+                writer.writerows((*row, int(flag), distance) for row, (flag, distance) in zip(self.rows, self.domain))
+            else:
+                writer.writerow(["file", "label", "score"])
+                writer.writerows(self.rows)
         name = {k: f"{k} = {v:.4f}" for k, v in metrics.items()}
         for fname, (xs, ys), (xl, yl), key in (
             ("roc.png", roc_curve(scores, labels), ("false positive rate", "true positive rate"), "auc"),

@@ -49,7 +49,13 @@ class AnomalyScored(MapTransform):
         return d
 
 
+SCORE_COLUMNS = ("score", "abnormal", "in_domain", "domain_distance")
+
+
 def score_columns(output: list[dict]) -> list[torch.Tensor]:
-    """``ClassificationSaver`` output transform: one row ``[score, abnormal]`` per item of a decollated output
-    (``abnormal`` is absent when no threshold is known)."""
-    return [torch.cat([item["score"], item["abnormal"]]) if "abnormal" in item else item["score"] for item in output]
+    """``ClassificationSaver`` output transform: one row per item of a decollated output, ``[score, abnormal,
+    in_domain, domain_distance]`` (``abnormal`` is absent when no threshold is known, the last two when the model
+    stores no in-domain check: :class:`bundle.domain.DomainCheckd`)."""
+    return [
+        torch.cat([torch.as_tensor(item[k]).reshape(1).float() for k in SCORE_COLUMNS if k in item]) for item in output
+    ]

@@ -15,6 +15,7 @@ import torch
 from monai.data import ITKReader, MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
+from bundle.domain import OUT_OF_DOMAIN_MESSAGE
 from bundle.transforms import BadImageError, load_grayscale
 
 __all__ = [
@@ -156,10 +157,12 @@ class SAGANResultd(MapTransform):
       PNG/JPEG/BMP inputs (written as PNG: no geometry to keep, and a JPEG label would be lossy), otherwise a volume
       (S0, S1, Z) with the input's affine in ``pred_meta_dict`` (written as NIfTI unless the request names another
       ``result_extension``) so that viewers overlay it on the input's geometry;
-    - ``result``: ``anomaly_score``, ``abnormal`` (``score > threshold``; ``None`` when the model records no
-      threshold), ``threshold``, ``pixel_threshold``, ``regions``, ``slice_index`` and ``model``: what the model
-      file records of ``bundle_version``, ``iteration`` (of the checkpoint), ``selected_by`` and ``image_size``
-      (a key the file does not record is left out rather than shown as null).
+    - ``result``: ``anomaly_score``, ``in_domain`` (whether the image is like the model's training images; ``None``
+      for a model without the check), ``domain_distance``, ``message`` ("outside the training domain: score not
+      calibrated" when it is not, else ``None``), ``abnormal`` (``score > threshold``; ``None`` when the model
+      records no threshold), ``threshold``, ``pixel_threshold``, ``regions``, ``slice_index`` and ``model``: what
+      the model file records of ``bundle_version``, ``iteration`` (of the checkpoint), ``selected_by`` and
+      ``image_size`` (a key the file does not record is left out rather than shown as null).
     """
 
     def __init__(
@@ -193,8 +196,13 @@ class SAGANResultd(MapTransform):
         score = float(torch.as_tensor(d[self.score_key]).reshape(-1)[0])
         threshold = self.settings.get("threshold")
         regions = d.get(self.regions_key, [])
+        inside = d.get("in_domain")
+        in_domain = None if inside is None else bool(float(torch.as_tensor(inside).reshape(-1)[0]) == 1.0)
         d["result"] = {
             "anomaly_score": score,
+            "in_domain": in_domain,
+            "domain_distance": None if inside is None else float(torch.as_tensor(d["domain_distance"]).reshape(-1)[0]),
+            "message": OUT_OF_DOMAIN_MESSAGE if in_domain is False else None,
             "abnormal": None if threshold is None else bool(score > threshold),
             "threshold": None if threshold is None else float(threshold),
             "pixel_threshold": self.settings.get("pixel_threshold"),
