@@ -301,7 +301,8 @@ class DomainRecord:
     e.g. the ``ImageCache`` of ``train/0`` and of the unlabeled set. The unlabeled images belong to the training
     domain by the method's premise (the same source, normal and abnormal mixed), so fitting on them too keeps
     abnormal images of that domain inside; it matters where the normal images barely vary (the demo set: fitted on
-    normals only, every lesion image measured outside). Fewer than 20 images: ``{}`` (no check stored), with a warning."""
+    normals only, every lesion image measured outside).
+    Fewer than 20 images: ``{}`` (no check stored), with a warning."""
 
     def __init__(self, images: Sequence[Any], enabled: bool = True) -> None:
         self.datasets = list(images)
