@@ -246,3 +246,21 @@ def test_failed_training_names_its_root_cause(tmp_path):
     script = "print('ValueError: the training data loader yields no batch'); print('\\n'.join(['x'] * 30)); exit(1)"
     with pytest.raises(MONAILabelException, match=r"failed \(exit 1\): ValueError: the training data loader yields"):
         task._run_training([sys.executable, "-c", script])
+
+
+def test_the_pretrained_model_is_served_last_and_only_when_its_hash_holds(tmp_path, caplog):
+    """The app's model list starts with the shipped pretrained model (served when nothing else exists); a damaged
+    copy is not served and says why; a bundle without pretrained/ serves none of it."""
+    import main as app_main
+
+    from bundle.pretrained import pretrained_manifest
+
+    shipped = os.path.join(ROOT, "pretrained")
+    assert app_main._pretrained_model(ROOT) == [os.path.join(shipped, pretrained_manifest(shipped)["file"])]
+    assert app_main._pretrained_model(str(tmp_path)) == []
+    damaged = tmp_path / "pretrained"
+    shutil.copytree(shipped, damaged)
+    (damaged / pretrained_manifest(shipped)["file"]).write_bytes(b"not the model")
+    with caplog.at_level("ERROR"):
+        assert app_main._pretrained_model(str(tmp_path)) == []
+    assert "not serving the pretrained model" in caplog.text
