@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["critic_input_gradient_norms", "gradient_penalty", "critic_loss_terms", "generator_loss_terms"]
+__all__ = [
+    "critic_input_gradient_norms",
+    "gradient_penalty",
+    "critic_loss_terms",
+    "generator_loss_terms",
+    "SAGANCriticLoss",
+    "SAGANGeneratorLoss",
+]
 
 
 def critic_input_gradient_norms(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -60,3 +67,60 @@ def generator_loss_terms(
     restoration = ((normal - pseudo_restored) ** 2).mean()
     total = adv + lambda_identity * identity + lambda_restoration * restoration
     return {"g_adv": adv, "g_identity": identity, "g_restoration": restoration, "g_loss": total}
+
+
+class SAGANCriticLoss(nn.Module):
+    """The critic's WGAN-GP loss with its weight (paper, Sec. 2.1, Eq. 3-7):
+    ``d_loss`` = -mean(D(real)) + mean(D(fake)) + lambda_gp * mean((||grad D(x_hat)||_2 - 1)^2),
+    x_hat = a * real + (1 - a) * fake, a ~ U(0, 1) per sample (see :func:`critic_loss_terms`).
+
+    The trainer's ``d_loss_function`` (configs/train.json ``critic_loss``). ``forward(critic, real, fake)``:
+    ``critic`` maps (B, C, H, W) to scores (B, ...); ``real`` (x_n) and ``fake`` (G(x_u), or G(FPI(x_n)) without
+    unlabeled images) are (B, C, H, W) in [-1, 1]. Returns scalar tensors by name: ``d_loss`` (minimised),
+    ``d_real``, ``d_fake``, ``gp`` and ``d_grad_norm`` (detached), all logged.
+
+    Args:
+        lambda_gp: weight of the gradient penalty (10 in the paper).
+    """
+
+    def __init__(self, lambda_gp: float = 10.0) -> None:
+        super().__init__()
+        self.lambda_gp = lambda_gp
+
+    def forward(self, critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        return critic_loss_terms(critic, real, fake, self.lambda_gp)
+
+
+class SAGANGeneratorLoss(nn.Module):
+    """The generator's loss with its weights (paper, Sec. 2.1, Eq. 3-7):
+    ``g_loss`` = -mean(D(G(x_u))) + lambda_identity * mean|x_n - G(x_n)|
+    + lambda_restoration * mean((x_n - G(FPI(x_n)))^2): the adversarial, identity and restoration terms
+    (see :func:`generator_loss_terms`).
+
+    The trainer's ``g_loss_function`` (configs/train.json ``generator_loss``).
+    ``forward(critic, fake, normal, normal_restored, pseudo_restored)``: ``critic`` maps (B, C, H, W) to scores
+    (B, ...); ``fake`` G(x_u) (or G(FPI(x_n)) without unlabeled images), ``normal`` x_n, ``normal_restored``
+    G(x_n) and ``pseudo_restored`` G(FPI(x_n)) are (B, C, H, W) in [-1, 1]. Returns scalar tensors by name:
+    ``g_loss`` (minimised), ``g_adv``, ``g_identity`` and ``g_restoration``, all logged.
+
+    Args:
+        lambda_identity: weight of the identity term (1 in the paper).
+        lambda_restoration: weight of the restoration term (1 in the paper).
+    """
+
+    def __init__(self, lambda_identity: float = 1.0, lambda_restoration: float = 1.0) -> None:
+        super().__init__()
+        self.lambda_identity = lambda_identity
+        self.lambda_restoration = lambda_restoration
+
+    def forward(
+        self,
+        critic: nn.Module,
+        fake: torch.Tensor,
+        normal: torch.Tensor,
+        normal_restored: torch.Tensor,
+        pseudo_restored: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return generator_loss_terms(
+            critic, fake, normal, normal_restored, pseudo_restored, self.lambda_identity, self.lambda_restoration
+        )

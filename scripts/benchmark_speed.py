@@ -75,7 +75,7 @@ sys.path.insert(0, ROOT)
 
 from bundle.engines import SAGANTrainer  # noqa: E402
 from bundle.environment import keep_freed_cpu_memory, machine_info, set_cudnn_algorithms  # noqa: E402
-from bundle.losses import gradient_penalty  # noqa: E402
+from bundle.losses import SAGANCriticLoss, gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
 from bundle.networks.critic import OnePixelConv2d  # noqa: E402
 from bundle.networks.generator import (  # noqa: E402
@@ -227,7 +227,7 @@ class EngineLoop:
             d_network=d,
             d_optimizer=torch.optim.Adam(d.parameters(), settings["lr"], betas=betas, **opt_kw),
             n_critic=settings["n_critic"],
-            lambda_gp=settings["lambda_gp"],
+            d_loss_function=SAGANCriticLoss(settings["lambda_gp"]),
             share_clean_patches=fast,
             channels_last=fast if channels_last is None else channels_last,
             critic_channels_last=critic_channels_last,

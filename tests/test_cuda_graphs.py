@@ -15,6 +15,7 @@ from ignite.engine import Events
 from bundle.engines import SAGANTrainer
 from bundle.engines.cuda_graphs import prepare_optimizer_for_capture
 from bundle.engines.trainer import touched_patch_plan
+from bundle.losses import SAGANCriticLoss
 from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
 from bundle.transforms import RandForeignPatchInterpolation
 
@@ -84,8 +85,9 @@ def step_distances(data: list[dict[str, torch.Tensor]], bf16: bool) -> list[dict
     trainers, schedulers, events = [], [], []
     for graphs in (False, True):
         trainer, scheds = make_trainer(
-            copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda(), data, lambda_gp=10.0, share_clean_patches=True,
-            channels_last=True, autocast_dtype="bfloat16" if bf16 else None, cuda_graphs=graphs,
+            copy.deepcopy(g).cuda(), copy.deepcopy(d).cuda(), data, d_loss_function=SAGANCriticLoss(lambda_gp=10.0),
+            share_clean_patches=True, channels_last=True, autocast_dtype="bfloat16" if bf16 else None,
+            cuda_graphs=graphs,
         )  # fmt: skip
         fired: list[str] = []
         for event in trainer._allowed_events:

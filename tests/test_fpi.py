@@ -56,16 +56,40 @@ def test_donor_differs_from_image_and_is_reproducible():
     assert [int(ds[i]["donor"][0, 0, 0]) for i in range(5)] == draws[:5]
 
 
-def test_array_version_and_prob():
-    item = make_item()
-    dict_out = RandForeignPatchInterpolationd(keys="normal").set_random_state(3)(item)
-    pseudo, mask = RandForeignPatchInterpolation().set_random_state(3)(item["normal"], item["donor"])
-    assert torch.equal(pseudo, dict_out["pseudo"]) and torch.equal(mask, dict_out["pseudo_mask"])
-    never = RandForeignPatchInterpolationd(keys="normal", prob=0.0).set_random_state(3)(item)
-    assert torch.equal(never["pseudo"], item["normal"]) and never["pseudo_mask"].sum() == 0
-    half = RandForeignPatchInterpolationd(keys="normal", prob=0.5).set_random_state(0)
-    applied = [half(make_item())["pseudo_mask"].sum() > 0 for _ in range(200)]
-    assert 0.35 < np.mean(applied) < 0.65
+def test_prob_is_the_dictionary_transforms():
+    """The dictionary transform owns ``prob`` (MONAI's way): ``prob=0`` (also set after construction) never pastes,
+    ``prob=1`` always pastes, and the patches it pastes are the array transform's draws from the same seed, whatever
+    the paste decisions (drawn from a stream of their own; none at ``prob=1``, the training stream)."""
+    never = RandForeignPatchInterpolationd(keys="normal", prob=0.0).set_random_state(3)
+    switched_off = RandForeignPatchInterpolationd(keys="normal", prob=1.0).set_random_state(3)
+    switched_off.prob = 0.0
+    always = RandForeignPatchInterpolationd(keys="normal", prob=1.0).set_random_state(3)
+    half = RandForeignPatchInterpolationd(keys="normal", prob=0.5).set_random_state(3)
+    array, array_for_half = (RandForeignPatchInterpolation().set_random_state(3) for _ in range(2))
+    pasted_by_half = 0
+    for _ in range(100):
+        item = make_item()
+        for t in (never, switched_off):
+            out = t(item)
+            assert torch.equal(out["pseudo"], item["normal"]) and not out["pseudo_mask"].any()
+        out = always(item)
+        pseudo, mask = array(item["normal"], item["donor"])
+        assert mask.any() and torch.equal(out["pseudo"], pseudo) and torch.equal(out["pseudo_mask"], mask)
+        out = half(item)
+        if out["pseudo_mask"].any():
+            pasted_by_half += 1
+            pseudo, mask = array_for_half(item["normal"], item["donor"])
+            assert torch.equal(out["pseudo"], pseudo) and torch.equal(out["pseudo_mask"], mask)
+    assert 30 < pasted_by_half < 70
+
+
+def test_randomize_false_repeats_the_last_draw():
+    t = RandForeignPatchInterpolationd(keys="normal", prob=0.5).set_random_state(0)
+    for _ in range(20):
+        item = make_item()
+        first = t(item)
+        again = t(item, randomize=False)
+        assert torch.equal(first["pseudo"], again["pseudo"]) and torch.equal(first["pseudo_mask"], again["pseudo_mask"])
 
 
 def test_old_name_is_a_deprecated_alias():

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from bundle.losses import critic_loss_terms, generator_loss_terms, gradient_penalty
+from bundle.losses import SAGANCriticLoss, SAGANGeneratorLoss, critic_loss_terms, generator_loss_terms, gradient_penalty
 
 
 class LinearCritic(nn.Module):
@@ -46,3 +46,20 @@ def test_generator_loss_matches_hand_computation():
     assert torch.isclose(t["g_identity"], torch.tensor(0.75))
     assert torch.isclose(t["g_restoration"], torch.tensor(0.5))
     assert torch.isclose(t["g_loss"], torch.tensor(-3.0 + 2 * 0.75 + 3 * 0.5))
+
+
+def test_loss_modules_hold_their_weights():
+    """The config's loss modules give the terms of the functions with the weights they were built with."""
+    d = LinearCritic(torch.tensor([[[[0.5, -1.0], [2.0, 0.0]]]]))
+    real, fake = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    torch.manual_seed(0)
+    terms = SAGANCriticLoss(lambda_gp=7.0)(d, real, fake)
+    torch.manual_seed(0)
+    assert terms.keys() == {"d_real", "d_fake", "gp", "d_loss", "d_grad_norm"}
+    assert torch.equal(terms["d_loss"], critic_loss_terms(d, real, fake, lambda_gp=7.0)["d_loss"])
+    images = [torch.randn(3, 1, 2, 2) for _ in range(4)]
+    terms = SAGANGeneratorLoss(lambda_identity=2.0, lambda_restoration=5.0)(d, *images)
+    expected = generator_loss_terms(d, *images, lambda_identity=2.0, lambda_restoration=5.0)
+    assert terms.keys() == expected.keys() == {"g_adv", "g_identity", "g_restoration", "g_loss"}
+    assert all(torch.equal(terms[k], expected[k]) for k in terms)
+    assert torch.equal(terms["g_loss"], terms["g_adv"] + 2.0 * terms["g_identity"] + 5.0 * terms["g_restoration"])

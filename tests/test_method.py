@@ -21,7 +21,7 @@ from monai.utils import AdversarialIterationEvents, set_determinism
 from bundle.data import ImageCache, SAGANTrainingDataset
 from bundle.engines import SAGANPrepareBatch, SAGANTrainer
 from bundle.networks import SAGANCritic, SAGANGenerator
-from bundle.transforms import AnomalyScored, ForeignPatchInterpolationd
+from bundle.transforms import AnomalyScored, RandForeignPatchInterpolationd
 from bundle.transforms.scoring import anomaly_map, anomaly_score
 
 SIZE, BATCH = 32, 4
@@ -71,7 +71,7 @@ def build(
     set_determinism(seed=0)
     g, d = SAGANGenerator(**G_KWARGS), SAGANCritic(**D_KWARGS)
     ds = SAGANTrainingDataset(
-        in_memory(8, 0), in_memory(8, 1) if unlabeled else None, ForeignPatchInterpolationd(keys="normal")
+        in_memory(8, 0), in_memory(8, 1) if unlabeled else None, RandForeignPatchInterpolationd(keys="normal")
     )
     return SAGANTrainer(
         device="cpu",

@@ -4,16 +4,18 @@ import os
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import CheckpointLoader
 from monai.utils import set_determinism
 from PIL import Image
 
 from bundle.data import ImageCache, SAGANTrainingDataset
-from bundle.engines import SAGANTrainer, attach_handlers
+from bundle.engines import SAGANTrainer, attach_handlers, loss_terms
 from bundle.handlers import AtomicCheckpointSaver, latest_checkpoint
+from bundle.losses import SAGANCriticLoss, SAGANGeneratorLoss
 from bundle.networks import SAGANCritic, SAGANGenerator
-from bundle.transforms import BadImageError, ForeignPatchInterpolationd, LoadGrayscaleImaged
+from bundle.transforms import BadImageError, LoadGrayscaleImaged, RandForeignPatchInterpolationd
 
 
 def in_memory(n, seed):
@@ -29,7 +31,7 @@ def build(max_epochs, epoch_length=2, unlabeled=None, handlers=(), pairs=8, **sw
     ds = SAGANTrainingDataset(
         in_memory(pairs, 0),
         unlabeled if unlabeled is not None else in_memory(pairs, 1),
-        ForeignPatchInterpolationd(keys="normal"),
+        RandForeignPatchInterpolationd(keys="normal"),
     )
     loader = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
     trainer = SAGANTrainer(
@@ -69,6 +71,36 @@ def test_critic_every_iteration_generator_every_second():
     out = trainer.state.output
     assert {"d_loss", "d_real", "d_fake", "gp", "g_loss", "g_adv", "g_identity", "g_restoration"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
+
+
+class GeneratorLossWithExtraTerm(SAGANGeneratorLoss):
+    """The paper's generator loss + 0.5 * ``extra`` (a term the trainer does not know of)."""
+
+    def forward(self, critic, fake, normal, normal_restored, pseudo_restored):
+        terms = super().forward(critic, fake, normal, normal_restored, pseudo_restored)
+        terms["extra"] = (normal - pseudo_restored).abs().mean()
+        terms["g_loss"] = terms["g_loss"] + 0.5 * terms["extra"]
+        return terms
+
+
+def test_loss_functions_are_arguments_and_every_term_is_logged():
+    """The trainer minimises what ``d_loss_function`` / ``g_loss_function`` return under ``d_loss`` / ``g_loss``,
+    with their weights, and logs every term they return (``loss_terms``), a new one included; before the first
+    generator step only the critic's terms exist."""
+    trainer = build(
+        max_epochs=1,
+        d_loss_function=SAGANCriticLoss(lambda_gp=7.0),
+        g_loss_function=GeneratorLossWithExtraTerm(lambda_identity=2.0, lambda_restoration=3.0),
+    )
+    logged = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(loss_terms(e.state.output)))
+    trainer.run()
+    assert set(logged[0]) == {"d_loss", "d_real", "d_fake", "gp", "d_grad_norm"}
+    out = logged[1]
+    assert {"g_loss", "g_adv", "g_identity", "g_restoration", "extra", "d_loss", "gp"} <= set(out)
+    assert out["d_loss"] == pytest.approx(-out["d_real"] + out["d_fake"] + 7.0 * out["gp"], rel=1e-5)
+    weighted = out["g_adv"] + 2.0 * out["g_identity"] + 3.0 * out["g_restoration"] + 0.5 * out["extra"]
+    assert out["g_loss"] == pytest.approx(weighted, rel=1e-5)
 
 
 def test_refuses_a_loader_without_a_full_batch():

@@ -17,19 +17,18 @@ from torch.optim import Optimizer
 
 from ..checks import require_autocast_dtype, require_bool
 from ..environment import cpu_has_native_bf16
-from ..losses import critic_loss_terms, generator_loss_terms
+from ..losses import SAGANCriticLoss, SAGANGeneratorLoss
 from ..networks.generator import split_patches, stitch_patches
 from .cuda_graphs import CUDAGraphIterations, check_cuda_graphs, release_optimizer_from_capture
 from .resumable import ResumablePassSampler, random_states, set_random_states
 
 __all__ = ["SAGANPrepareBatch", "SAGANTrainer", "attach_handlers", "loss_terms", "epochs_for"]
 
-G_TERMS = ("g_loss", "g_adv", "g_identity", "g_restoration")
 
-
-def loss_terms(output: dict) -> dict[str, float]:
-    """StatsHandler / TensorBoard ``output_transform``: every loss term of the last iteration as a float."""
-    return {k: float(v) for k, v in output.items() if k.startswith(("d_", "g_", "gp"))}
+def loss_terms(output: dict[str, torch.Tensor]) -> dict[str, float]:
+    """StatsHandler / TensorBoard / MLflow ``output_transform``: every loss term of the last iteration (every term
+    the trainer's loss functions returned, see :class:`SAGANTrainer`) as a float."""
+    return {k: float(v) for k, v in output.items()}
 
 
 def attach_handlers(engine: Trainer, handlers: Sequence) -> None:
@@ -157,15 +156,18 @@ class SAGANTrainer(Trainer):
     ``prepare_batch`` turns each batch into ``(x_n, x_u, x_p)`` (see :class:`SAGANPrepareBatch`): (B, 1, H, W)
     normal, unlabeled and pseudo-anomalous images in [-1, 1].
 
-    - critic step (every iteration): -mean(D(x_n)) + mean(D(G(x_u))) + lambda_gp * GP;
-    - generator step (every ``n_critic``-th iteration, on the same batch):
-      -mean(D(G(x_u))) + lambda_identity * L1(x_n, G(x_n)) + lambda_restoration * MSE(x_n, G(FPI(x_n))).
+    - critic step (every iteration): ``d_loss_function``, by default -mean(D(x_n)) + mean(D(G(x_u))) + lambda_gp * GP
+      (:class:`~bundle.losses.SAGANCriticLoss`);
+    - generator step (every ``n_critic``-th iteration, on the same batch): ``g_loss_function``, by default
+      -mean(D(G(x_u))) + lambda_identity * L1(x_n, G(x_n)) + lambda_restoration * MSE(x_n, G(FPI(x_n)))
+      (:class:`~bundle.losses.SAGANGeneratorLoss`).
 
     Without unlabeled images (the paper's "0_u" setting) G(FPI(x_n)) plays the fake role.
     On generator iterations x_u, x_n and FPI(x_n) go through G as one batch and G(x_u) is reused by both steps:
     G is not changed by the critic step and instance norm is per sample, so the losses are those of separate
-    passes (only the random delta masks differ). ``engine.state.output`` holds every loss term as a detached
-    scalar tensor; generator terms keep their last value on critic-only iterations.
+    passes (only the random delta masks differ). ``engine.state.output`` holds every term the loss functions
+    returned, as detached scalar tensors: the critic's of this iteration and, from the first generator step on, the
+    generator's of the last one (they keep their value on critic-only iterations).
 
     Speed switches (all off by default; docs/performance.md has the measurements):
 
@@ -212,7 +214,14 @@ class SAGANTrainer(Trainer):
             the first ``critic_warmup_iterations`` iterations the generator steps only every
             ``critic_warmup_n_critic``-th iteration, so the critic learns a useful gradient before the generator
             moves (the original WGAN schedule trained the critic more at the start for the same reason).
-        lambda_gp, lambda_identity, lambda_restoration: loss weights.
+        d_loss_function: ``(critic, x_n, fake) -> terms``, the critic's loss: ``critic`` maps (B, C, H, W) to
+            scores, ``x_n`` and ``fake`` (G(x_u), or G(FPI(x_n)) without unlabeled images) are (B, C, H, W), and
+            ``terms`` are scalar tensors by name, the one to minimise under ``d_loss``. Default:
+            :class:`~bundle.losses.SAGANCriticLoss` with the paper's weight.
+        g_loss_function: ``(critic, fake, x_n, G(x_n), G(FPI(x_n))) -> terms``, the generator's loss, images
+            (B, C, H, W), the term to minimise under ``g_loss``. Default: :class:`~bundle.losses.SAGANGeneratorLoss`
+            with the paper's weights. Every term of both is logged (:func:`loss_terms`); critic and generator
+            term names must differ.
         seed: with a seed, a resumed run whose checkpoint holds no random states (older checkpoints) reseeds
             torch, numpy and the data set's random state with ``seed + iteration``, so that it does not replay the
             random draws of the run's start. The trainer's ``state_dict`` holds every random state (torch, numpy,
@@ -237,9 +246,8 @@ class SAGANTrainer(Trainer):
         n_critic: int = 2,
         critic_warmup_iterations: int = 0,
         critic_warmup_n_critic: int = 5,
-        lambda_gp: float = 10.0,
-        lambda_identity: float = 1.0,
-        lambda_restoration: float = 1.0,
+        d_loss_function: Callable[..., dict[str, torch.Tensor]] | None = None,
+        g_loss_function: Callable[..., dict[str, torch.Tensor]] | None = None,
         seed: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable | None = None,
@@ -291,10 +299,9 @@ class SAGANTrainer(Trainer):
         self.n_critic = n_critic
         self.critic_warmup_iterations = critic_warmup_iterations
         self.critic_warmup_n_critic = critic_warmup_n_critic
-        self.lambda_gp = lambda_gp
-        self.lambda_identity = lambda_identity
-        self.lambda_restoration = lambda_restoration
-        self._last_g_terms: dict[str, torch.Tensor] = {k: torch.tensor(float("nan")) for k in G_TERMS}
+        self.d_loss_function = d_loss_function if d_loss_function is not None else SAGANCriticLoss()
+        self.g_loss_function = g_loss_function if g_loss_function is not None else SAGANGeneratorLoss()
+        self._last_g_terms: dict[str, torch.Tensor] = {}
         self.seed = seed
         self._seeded_run = False
         self._restored_random_states = False
@@ -482,7 +489,7 @@ class SAGANTrainer(Trainer):
 
         self.d_optimizer.zero_grad(set_to_none=True)
         with self._autocast(device):
-            d_terms = critic_loss_terms(critic, x_n, fake, self.lambda_gp)
+            d_terms = self.d_loss_function(critic, x_n, fake)
         fire(IterationEvents.LOSS_COMPLETED)
         fire(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
         d_terms["d_loss"].backward()
@@ -497,7 +504,7 @@ class SAGANTrainer(Trainer):
         for p in d.parameters():
             p.requires_grad_(False)
         with self._autocast(device):
-            g_terms = generator_loss_terms(critic, fake, x_n, g_n, g_p, self.lambda_identity, self.lambda_restoration)
+            g_terms = self.g_loss_function(critic, fake, x_n, g_n, g_p)
         fire(AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
         g_terms["g_loss"].backward()
         fire(AdversarialIterationEvents.GENERATOR_BACKWARD_COMPLETED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
@@ -82,7 +83,10 @@ class RandForeignPatchInterpolationd(RandomizableTransform, MapTransform):
         donor_key: key of the donor image, same shape, a different image of the normal set.
         output_key: where the pseudo-anomalous image goes (C, H, W), same range as the inputs.
         mask_key: where the binary patch mask goes (1, H, W), 1 inside the patch; ``None`` to skip.
-        prob: probability of pasting a patch (1.0 in the paper).
+        prob: probability of pasting a patch (1.0 in the paper). As in MONAI's dictionary transforms, this
+            transform draws whether to paste (from its own random state; ``prob=1`` draws nothing) and calls the
+            array transform with ``randomize=False``; without a paste ``output_key`` is a copy of the image and
+            the mask is empty.
         centre_range, half_width_range: fractions of the image side, see :class:`RandForeignPatchInterpolation`.
     """
 
@@ -103,21 +107,40 @@ class RandForeignPatchInterpolationd(RandomizableTransform, MapTransform):
         self.donor_key = donor_key
         self.output_key = output_key
         self.mask_key = mask_key
-        self.fpi = RandForeignPatchInterpolation(prob, centre_range, half_width_range)
+        self.fpi = RandForeignPatchInterpolation(1.0, centre_range, half_width_range)
 
-    def set_random_state(self, seed: int | None = None, state=None) -> RandForeignPatchInterpolationd:
-        super().set_random_state(seed, state)
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandForeignPatchInterpolationd:
+        """Seeds the patch draws with ``seed`` (or ``state``) and the paste decision with ``seed + 1``, so that
+        the two streams of a seeded transform are not the same sequence."""
+        super().set_random_state(None if seed is None else seed + 1, state)
         self.fpi.set_random_state(seed, state)
         return self
+
+    def randomize(self, data: None = None) -> None:
+        """Draws whether to paste; ``prob=1`` (the paper's setting) draws no random number for it."""
+        self._do_transform = self.prob >= 1.0 or self.R.rand() < self.prob
 
     # the last draw, for inspection and tests
     centre = property(lambda self: self.fpi.centre)
     half_width = property(lambda self: self.fpi.half_width)
     alpha = property(lambda self: self.fpi.alpha)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], randomize: bool = True) -> dict[Hashable, torch.Tensor]:
+        """``data[keys]``, ``data[donor_key]``: (C, H, W) tensors of one shape; adds ``output_key`` (C, H, W) and
+        ``mask_key`` (1, H, W). ``randomize=False`` reuses the last draws."""
         d = dict(data)
-        pseudo, mask = self.fpi(d[self.keys[0]], d[self.donor_key])
+        img, donor = torch.as_tensor(d[self.keys[0]]), torch.as_tensor(d[self.donor_key])
+        spatial = tuple(img.shape[-2:])
+        if randomize:
+            self.randomize()
+            if self._do_transform:
+                self.fpi.randomize(spatial)
+        if self._do_transform:
+            pseudo, mask = self.fpi(img, donor, randomize=False)
+        else:
+            pseudo, mask = img.clone(), img.new_zeros((1, *spatial))
         d[self.output_key] = pseudo
         if self.mask_key is not None:
             d[self.mask_key] = mask
