@@ -97,9 +97,9 @@ class CriticStallDetector:
                         f"critic stalled: iterations {self.flat_since}-{iteration} had gradient penalty {gp:.3f} "
                         f"(about 1) and critic input-gradient norm {norm:.2g} (about 0), so the generator learns "
                         "nothing from the critic. Stalls often end by themselves; if this one lasts past half of "
-                        "--iterations, start again with another --seed or with the remedy --critic_restart_on_stall "
-                        "True (on in the cpu preset). The TensorBoard scalar critic_stalled shows it, and the "
-                        "model's settings and evaluation metrics.json record it (critic_stalls)."
+                        "--iterations, train again with --d_init kaiming and --critic_restart_on_stall true (both "
+                        "on in the cpu preset). The TensorBoard scalar critic_stalled shows it, and the model's "
+                        "settings and evaluation metrics.json record it (critic_stalls)."
                     )
         else:
             if self.stalled:
