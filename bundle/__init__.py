@@ -4,6 +4,7 @@
 __version__ = "0.8.0"
 
 from . import (  # noqa: E402
+    conformal,
     data,
     demo,
     domain,

@@ -15,6 +15,8 @@ The settings hold:
 - ``image_size`` (side of the square model input) and ``slice_index`` (slice of 3D inputs, or None);
 - ``threshold``: operating threshold on the anomaly score (``abnormal = score > threshold``), the
   ``specificity`` quantile of the scores of the normal ``val`` images;
+- ``normal_scores``: the sorted scores of those normal images (at most 2000 order statistics), from which
+  inference computes conformal p-values (:mod:`bundle.conformal`; absent in older models);
 - ``pixel_threshold``: the ``pixel_quantile`` quantile of the smoothed heat maps of the normal ``val`` images
   (anomaly regions are where the smoothed heat map exceeds it);
 - ``val_sensitivity`` / ``val_specificity`` at ``threshold``, ``iteration`` of the checkpoint, ``bundle_version``.

@@ -111,6 +111,7 @@ def exported_inference_config(config: dict, settings: dict) -> dict:
         config[key] = settings[key]
     config["pixel_threshold"] = settings.get("pixel_threshold")
     config["domain"] = settings.get("domain")
+    config["normal_scores"] = settings.get("normal_scores")
     config["network_def"] = dict(settings["network_def"])
     return config
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.conformal import conformal_p_value
 from bundle.settings import read_model
 
 from .conftest import ROOT
@@ -140,6 +141,15 @@ def test_evaluating_writes_report(trained, tiny_dataset):
     assert settings["domain"]["n_fit"] == 24
     outside = [r for r in rows if r["in_domain"] == "0"]
     assert metrics["out_of_domain"]["n"] == len(outside) <= 1  # test images of the training domain
+    # conformal p-values among the stored normal val scores, and the false-positive rates they give on the normals
+    p_values = np.array([float(r["p_value"]) for r in rows])
+    expected = conformal_p_value(np.array([float(r["score"]) for r in rows]), settings["normal_scores"])
+    np.testing.assert_allclose(p_values, expected, rtol=1e-6)
+    normal = np.array([r["label"] == "0" for r in rows])
+    for level in metrics["conformal"]:
+        assert level["false_positive_rate"] == pytest.approx(np.mean(p_values[normal] <= level["alpha"]))
+        low, high = level["false_positive_rate_interval"]
+        assert 0 <= low <= level["false_positive_rate"] <= high <= 1
     for name in ("roc.png", "pr.png", "extremes.png"):
         assert os.path.getsize(out / "eval" / name) > 1000
 
@@ -177,12 +187,21 @@ def test_inferring_mixed_formats(trained, tiny_dataset, tmp_path):
     assert sorted(os.path.basename(r[0]) for r in rows) == ["chest.png", "scan.nii.gz", "slab.nii.gz", "xray.dcm"]
     one_by_one = out / "infer_batch1"
     bundle_run("inferring", *INFER, "--input_path", str(inputs), "--output_dir", str(one_by_one), "--model_path", model,
-               "--dataloader#batch_size", "1")  # fmt: skip
-    alone = {r[0]: (float(r[1]), r[2]) for r in csv.reader(open(one_by_one / "scores.csv"))}
+               "--dataloader#batch_size", "1", "--alpha", "0.5")  # fmt: skip
+    alone = {r[0]: (float(r[1]), float(r[2]), float(r[5])) for r in csv.reader(open(one_by_one / "scores.csv"))}
     assert alone.keys() == {r[0] for r in rows}
     assert all(np.isclose(float(r[1]), alone[r[0]][0], rtol=1e-4) for r in rows)  # batching changes no score
-    threshold = read_model(str(out / "models" / "model.pt"))[1]["threshold"]
-    assert all(float(r[2]) == float(float(r[1]) > threshold) for r in rows)  # file, score, abnormal (0/1)
+    settings = read_model(str(out / "models" / "model.pt"))[1]
+    assert all(float(r[2]) == float(float(r[1]) > settings["threshold"]) for r in rows)  # file, score, abnormal (0/1)
+    # the last column: the conformal p-value among the stored normal scores, in [1 / (n + 1), 1]
+    n = len(settings["normal_scores"])
+    assert n == settings["threshold_normals"] and settings["normal_scores"] == sorted(settings["normal_scores"])
+    p_values = np.array([float(r[5]) for r in rows])
+    assert all(len(r) == 6 for r in rows) and ((1 / (n + 1) - 1e-7 <= p_values) & (p_values <= 1 + 1e-7)).all()
+    expected = conformal_p_value(np.array([float(r[1]) for r in rows]), settings["normal_scores"])
+    np.testing.assert_allclose(p_values, expected, rtol=1e-6)
+    # --alpha 0.5: abnormal is p_value <= 0.5 instead of score > threshold
+    assert all(abnormal == float(p <= 0.5) for _, abnormal, p in alone.values())
     # in_domain (0/1) and domain_distance: the demo-like PNG is inside, uniform noise (scan.nii.gz) outside
     inside = {os.path.basename(r[0]): (float(r[3]), float(r[4])) for r in rows}
     assert inside["chest.png"][0] == 1.0 and inside["scan.nii.gz"][0] == 0.0

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ..conformal import ALPHAS, clopper_pearson
 from ..visualize import save_extremes
 from .operating_point import specificity_interval
 
@@ -61,6 +62,13 @@ class EvaluationReportHandler:
     ``scores.csv`` has those columns and ``metrics.json`` an ``out_of_domain`` entry: how many images were outside
     the model's training domain, in all and among the normal and the abnormal ones.
 
+    When they carry ``p_value`` (:class:`bundle.conformal.ConformalPValued`), ``scores.csv`` has a last column
+    ``p_value`` and ``metrics.json`` a ``conformal`` entry: for each ``alpha`` in
+    :data:`~bundle.conformal.ALPHAS` (calling ``p_value <= alpha`` abnormal), the ``false_positive_rate`` realised on
+    the evaluated normal images (at most ``alpha`` is promised for images like those that set the threshold), its
+    95% Clopper-Pearson ``false_positive_rate_interval`` for that many normal images, and the ``sensitivity``; a
+    warning says when ``alpha`` lies below that interval (the promise does not hold on these images).
+
     ``metrics.json`` also says which listed images were not scored: ``n_skipped`` and ``skipped``
     (``[{"file", "label", "reason"}, ...]``): the bad images that the evaluator's data set (``ImageCache`` with
     ``on_bad_image="skip"``) left out, and any other listed image missing from the scores. An image scored more
@@ -82,6 +90,7 @@ class EvaluationReportHandler:
         self.extra_info = extra_info or {}
         self.rows: list[tuple[str, int, float]] = []
         self.domain: list[tuple[float, float]] = []  # (in_domain 0/1, domain_distance) per row, when the model has it
+        self.p_values: list[float] = []  # conformal p-value per row, when the model stores its normal scores
         self.images: list[torch.Tensor] = []
         self.restored: list[torch.Tensor] = []
 
@@ -111,14 +120,53 @@ class EvaluationReportHandler:
             )
         return [low, high]
 
+    @staticmethod
+    def _conformal(p_values: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+        """For each alpha in :data:`~bundle.conformal.ALPHAS`: the false-positive rate of ``p_value <= alpha`` on
+        the normal images (label 0) with its 95% Clopper-Pearson interval (None without normal images), and the
+        sensitivity on the abnormal ones (None without any); ``p_values`` and ``labels``: (N,). Logs each line, as
+        a warning when alpha lies below the interval."""
+        normal, abnormal = p_values[labels == 0], p_values[labels == 1]
+        levels = []
+        for alpha in ALPHAS:
+            false_positives = int((normal <= alpha).sum())
+            rate = false_positives / normal.size if normal.size else None
+            interval = list(clopper_pearson(false_positives, normal.size)) if normal.size else None
+            sensitivity = float((abnormal <= alpha).mean()) if abnormal.size else None
+            levels.append(
+                {
+                    "alpha": alpha,
+                    "false_positives": false_positives,
+                    "false_positive_rate": rate,
+                    "false_positive_rate_interval": interval,
+                    "sensitivity": sensitivity,
+                }
+            )
+            if interval is None:
+                continue
+            line = (
+                f"p-value <= {alpha}: {false_positives} of {normal.size} normal images flagged ({rate:.3f}, 95% "
+                f"interval [{interval[0]:.3f}, {interval[1]:.3f}])"
+            )
+            if alpha < interval[0]:
+                logger.warning(
+                    f"{line}: more than the promised {alpha}. These normal images score unlike those that set the "
+                    "threshold (a shift between the sets, or a checkpoint chosen on the images that set it)."
+                )
+            else:
+                logger.info(line)
+        return levels
+
     def _reset(self, engine: Engine) -> None:
-        self.rows, self.images, self.restored, self.domain = [], [], [], []
+        self.rows, self.images, self.restored, self.domain, self.p_values = [], [], [], [], []
 
     def _collect(self, engine: Engine) -> None:
         for source, item in zip(engine.state.batch, engine.state.output):  # both decollated
             self.rows.append((str(source["filename"]), int(item["label"]), float(item["score"].item())))
             if "in_domain" in item:
                 self.domain.append((float(item["in_domain"].item()), float(item["domain_distance"].item())))
+            if "p_value" in item:
+                self.p_values.append(float(item["p_value"].item()))
             self.images.append(torch.as_tensor(item["image"]).detach().cpu())
             self.restored.append(torch.as_tensor(item["pred"]).detach().cpu())
 
@@ -182,18 +230,24 @@ class EvaluationReportHandler:
                     f"{int(outside.sum())} of {len(outside)} images are outside the model's training domain (their "
                     "scores are not calibrated): in_domain 0 in scores.csv, out_of_domain in metrics.json"
                 )
+        p_values = np.array(self.p_values) if self.p_values and len(self.p_values) == len(self.rows) else None
+        if p_values is not None:
+            report["conformal"] = self._conformal(p_values, labels)
         report.update(self.extra_info)
         with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=4)
         # a file name that is not UTF-8 (surrogate-escaped by Python) is written as \udcXX instead of failing
         with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="", errors="backslashreplace") as f:
-            writer = csv.writer(f)
+            header, table = ["file", "label", "score"], [list(row) for row in self.rows]
             if self.domain and len(self.domain) == len(self.rows):
-                writer.writerow(["file", "label", "score", "in_domain", "domain_distance"])
-                writer.writerows((*row, int(flag), distance) for row, (flag, distance) in zip(self.rows, self.domain))
-            else:
-                writer.writerow(["file", "label", "score"])
-                writer.writerows(self.rows)
+                header += ["in_domain", "domain_distance"]
+                table = [[*row, int(flag), distance] for row, (flag, distance) in zip(table, self.domain)]
+            if p_values is not None:
+                header.append("p_value")
+                table = [[*row, p] for row, p in zip(table, self.p_values)]
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(table)
         name = {k: f"{k} = {v:.4f}" for k, v in metrics.items()}
         for fname, (xs, ys), (xl, yl), key in (
             ("roc.png", roc_curve(scores, labels), ("false positive rate", "true positive rate"), "auc"),

@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from .. import __version__
+from ..conformal import stored_normal_scores
 from ..settings import network_def_of
 from ..transforms.regions import smooth_heatmap
 
@@ -52,7 +53,11 @@ class OperatingPointHandler:
     - ``pixel_threshold``: the ``pixel_quantile`` quantile of all pixels of their smoothed heat maps;
     - ``threshold_normals`` and ``threshold_rank``: how many normal scores set the threshold and which of them
       (1-based, ascending) it is; evaluation turns them into the interval the realised specificity should lie in
-      (:func:`specificity_interval`).
+      (:func:`specificity_interval`);
+    - ``normal_scores``: those normal scores, sorted ascending (n,), as plain floats, so that inference can turn a
+      score into a conformal p-value (:mod:`bundle.conformal`); of more than
+      :data:`~bundle.conformal.MAX_NORMAL_SCORES` (2000) normal images, 2000 evenly spaced order statistics of
+      their scores (:func:`~bundle.conformal.stored_normal_scores`).
 
     It adds ``val_sensitivity`` and ``val_specificity`` at ``threshold`` to the evaluator's metrics (attach it
     before the StatsHandler / TensorBoard handlers to log them). Put it into the best-model saver's ``save_dict``
@@ -124,6 +129,7 @@ class OperatingPointHandler:
             "pixel_quantile": self.pixel_quantile,
             "threshold_normals": int(normal.size),
             "threshold_rank": rank,
+            "normal_scores": stored_normal_scores(normal),
             "val_specificity": float((normal <= threshold).mean()),
             "val_sensitivity": float((abnormal > threshold).mean()) if abnormal.size else float("nan"),
         }
@@ -148,6 +154,7 @@ class OperatingPointHandler:
             "pixel_quantile",
             "threshold_normals",
             "threshold_rank",
+            "normal_scores",
             "val_specificity",
             "val_sensitivity",
         )

@@ -49,13 +49,14 @@ class AnomalyScored(MapTransform):
         return d
 
 
-SCORE_COLUMNS = ("score", "abnormal", "in_domain", "domain_distance")
+SCORE_COLUMNS = ("score", "abnormal", "in_domain", "domain_distance", "p_value")
 
 
 def score_columns(output: list[dict]) -> list[torch.Tensor]:
     """``ClassificationSaver`` output transform: one row per item of a decollated output, ``[score, abnormal,
-    in_domain, domain_distance]`` (``abnormal`` is absent when no threshold is known, the last two when the model
-    stores no in-domain check: :class:`bundle.domain.DomainCheckd`)."""
+    in_domain, domain_distance, p_value]`` (``abnormal`` is absent when no threshold is known, ``in_domain`` and
+    ``domain_distance`` when the model stores no in-domain check (:class:`bundle.domain.DomainCheckd`), ``p_value``
+    (in [1 / (n + 1), 1]) when it stores no normal scores (:class:`bundle.conformal.ConformalPValued`))."""
     return [
         torch.cat([torch.as_tensor(item[k]).reshape(1).float() for k in SCORE_COLUMNS if k in item]) for item in output
     ]

@@ -21,6 +21,8 @@ from monai.data import ITKReader, PydicomReader
 from monai.transforms import LoadImage
 from PIL import Image
 
+from bundle.conformal import conformal_p_value
+
 from .helpers import (
     APP_DIR,
     ROOT,
@@ -120,6 +122,11 @@ def _check_result(result, reference, settings):
     assert result["threshold"] == pytest.approx(settings["threshold"])
     assert result["pixel_threshold"] == pytest.approx(settings["pixel_threshold"])
     assert result["abnormal"] == (result["anomaly_score"] > settings["threshold"])
+    n = len(settings["normal_scores"])  # the conformal p-value among the normal scores that set the threshold
+    assert 1 / (n + 1) - 1e-7 <= result["p_value"] <= 1 + 1e-7
+    assert result["p_value"] == pytest.approx(
+        float(conformal_p_value(result["anomaly_score"], settings["normal_scores"]))
+    )
     assert result["label_names"] == {"anomaly": 1}
     # what the model file records, no nulls (the tiny model's settings may lack "iteration": then it is left out)
     keys = ("bundle_version", "iteration", "selected_by", "image_size")

@@ -160,7 +160,9 @@ class SAGANResultd(MapTransform):
     - ``result``: ``anomaly_score``, ``in_domain`` (whether the image is like the model's training images; ``None``
       for a model without the check), ``domain_distance``, ``message`` ("outside the training domain: score not
       calibrated" when it is not, else ``None``), ``abnormal`` (``score > threshold``; ``None`` when the model
-      records no threshold), ``threshold``, ``pixel_threshold``, ``regions``, ``slice_index`` and ``model``: what
+      records no threshold), ``threshold``, ``p_value`` (the score's conformal p-value among the normal scores that
+      set the threshold, in [1 / (n + 1), 1], from :class:`bundle.conformal.ConformalPValued`; ``None`` for a model
+      that stores none), ``pixel_threshold``, ``regions``, ``slice_index`` and ``model``: what
       the model file records of ``bundle_version``, ``iteration`` (of the checkpoint), ``selected_by`` and
       ``image_size`` (a key the file does not record is left out rather than shown as null).
     """
@@ -196,7 +198,7 @@ class SAGANResultd(MapTransform):
         score = float(torch.as_tensor(d[self.score_key]).reshape(-1)[0])
         threshold = self.settings.get("threshold")
         regions = d.get(self.regions_key, [])
-        inside = d.get("in_domain")
+        inside, p_value = d.get("in_domain"), d.get("p_value")
         in_domain = None if inside is None else bool(float(torch.as_tensor(inside).reshape(-1)[0]) == 1.0)
         d["result"] = {
             "anomaly_score": score,
@@ -205,6 +207,7 @@ class SAGANResultd(MapTransform):
             "message": OUT_OF_DOMAIN_MESSAGE if in_domain is False else None,
             "abnormal": None if threshold is None else bool(score > threshold),
             "threshold": None if threshold is None else float(threshold),
+            "p_value": None if p_value is None else float(torch.as_tensor(p_value).reshape(-1)[0]),
             "pixel_threshold": self.settings.get("pixel_threshold"),
             "regions": regions,
             "slice_index": self.slice_index,

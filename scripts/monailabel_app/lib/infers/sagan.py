@@ -70,8 +70,8 @@ class SAGANInferTask(BundleInferTask):
     Label's usual ones (``device``, ``result_extension``, ...).
 
     Result: the label image (values {0, 1}, 1 = anomaly region) at the input's size and geometry, and JSON
-    (``data["result"]``) with ``anomaly_score``, ``abnormal``, ``threshold``, ``pixel_threshold``, ``regions`` (boxes
-    in input pixel coordinates with their peak heat), ``slice_index``, ``model``.
+    (``data["result"]``) with ``anomaly_score``, ``abnormal``, ``threshold``, ``p_value``, ``pixel_threshold``,
+    ``regions`` (boxes in input pixel coordinates with their peak heat), ``slice_index``, ``model``.
     """
 
     def __init__(
