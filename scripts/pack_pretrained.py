@@ -2,6 +2,10 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """Put a trained model into ``pretrained/`` as the bundle's shipped model, with its hash and its test metrics.
 
+0. Settings that the bundle stores with newer models and this model lacks are added, each listed in the manifest's
+   ``settings_added``: ``domain`` (the in-domain check, fitted on the training images T_n and T_u drawn as training
+   draws them with ``--seed`` and ``--anomaly_ratio``) and ``normal_scores`` (the scores of the normal ``val``
+   images, from the evaluation below; their ``specificity`` quantile must give back the stored threshold).
 1. The model's weights are stored in float16 when the anomaly scores of the float16 weights equal the float32
    weights' within ``--tolerance`` (1e-3) on every image of the ``val`` split (both run through ``run evaluating``);
    else in float32. The network still computes in float32 (the weights are cast back when loaded).
@@ -29,23 +33,42 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bundle.conformal import stored_normal_scores  # noqa: E402
 from bundle.pretrained import MANIFEST, sha256_of  # noqa: E402
 from bundle.settings import model_file_contents, read_model  # noqa: E402
 
 
-def evaluate(model: str, dataset_dir: str, split: str, eval_dir: str) -> dict[str, float]:
-    """``run evaluating`` of ``model`` on ``split``: {image: anomaly score} from its scores.csv."""
+def evaluate(model: str, dataset_dir: str, split: str, eval_dir: str) -> dict[str, tuple[int, float]]:
+    """``run evaluating`` of ``model`` on ``split``: {image: (label, anomaly score)} from its scores.csv."""
     config = "['configs/train.json','configs/evaluate.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", config]
     cmd += ["--dataset_dir", dataset_dir, "--model_path", model, "--eval_split", split, "--eval_dir", eval_dir]
     subprocess.run(cmd + ["--progress_bar", "False"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(eval_dir, "scores.csv")) as f:
-        return {row["file"]: float(row["score"]) for row in csv.DictReader(f)}
+        return {row["file"]: (int(row["label"]), float(row["score"])) for row in csv.DictReader(f)}
+
+
+def domain_settings(dataset_dir: str, settings: dict, seed: int, anomaly_ratio: float) -> dict:
+    """The in-domain check as training stores it (:class:`bundle.domain.DomainRecord` on T_n and T_u)."""
+    from monai.bundle import ConfigParser
+
+    from bundle.data import ImageCache, image_items, load_medad_datalist
+    from bundle.domain import DomainRecord
+    from bundle.selection import training_sets
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    parser.config.update({"image_size": settings["image_size"], "slice_index": settings.get("slice_index")})
+    preprocessing = parser.get_parsed_content("preprocessing")
+    sets = training_sets(load_medad_datalist(dataset_dir), anomaly_ratio, None, seed)
+    caches = [ImageCache(image_items(files), preprocessing) for files in (sets.normal, sets.unlabeled)]
+    return DomainRecord(caches).record()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--not_for", required=True, help="where it must not be used, for the model card")
     parser.add_argument("--machine", default="", help="where it was trained (recorded)")
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0, help="the training run's seed (for its T_u draw)")
+    parser.add_argument("--anomaly_ratio", type=float, default=0.6, help="the training run's anomaly ratio")
     parser.add_argument("--pretrained_dir", default=os.path.join(ROOT, "pretrained"))
     args = parser.parse_args(argv)
 
@@ -74,7 +99,20 @@ def main(argv: list[str] | None = None) -> None:
         reduced = evaluate(half_path, args.dataset_dir, "val", os.path.join(tmp, "fp16"))
     if set(full) != set(reduced) or not full:
         raise SystemExit("the float32 and float16 evaluations scored different images")
-    difference = max(abs(full[k] - reduced[k]) for k in full)
+    difference = max(abs(full[k][1] - reduced[k][1]) for k in full)
+    added = []
+    if "normal_scores" not in settings:
+        normal = [score for label, score in full.values() if label == 0]
+        threshold = float(np.quantile(normal, settings["specificity"], method="higher"))  # as OperatingPointHandler
+        if abs(threshold - settings["threshold"]) > 1e-4:
+            raise SystemExit(
+                f"the val normal scores give threshold {threshold}, the model stores {settings['threshold']}"
+            )
+        settings["normal_scores"] = stored_normal_scores(normal)
+        added.append("normal_scores")
+    if "domain" not in settings:
+        settings.update(domain_settings(args.dataset_dir, settings, args.seed, args.anomaly_ratio))
+        added.append("domain")
     use_half = difference <= args.tolerance
     print(f"largest |score(float16) - score(float32)| on {len(full)} val images: {difference:.2e}")
 
@@ -98,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "iteration": settings.get("iteration"),
         "selected_by": settings.get("selected_by"),
         "threshold": settings.get("threshold"),
+        "settings_added": added,
     }
     with open(os.path.join(args.pretrained_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=4)
