@@ -140,8 +140,8 @@ class RestartCritic:
     initialisation, else each layer's own; drawn from torch's random stream) and zero its optimiser's state (Adam's
     moments and step count), in place, so that CUDA graphs and checkpoints keep pointing at the same tensors. The
     generator keeps what it learnt. A fresh critic with the default initialisation starts flat again (see
-    :class:`~bundle.networks.SAGANCritic`'s ``init``). Not for multi-process training (each process would decide
-    from its own losses).
+    :class:`~bundle.networks.SAGANCritic`'s ``init``). In multi-process training it only warns (each process would
+    decide from its own losses and restart another critic).
 
     Args:
         critic: the critic network.
@@ -153,10 +153,11 @@ class RestartCritic:
 
     def __call__(self, engine: Engine | None = None) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                raise RuntimeError(
-                    "RestartCritic cannot run in multi-process training; set critic_stall_remedy to null there."
+            if torch.distributed.get_world_size() > 1:  # the ranks would restart different critics: only report
+                logger.warning(
+                    "critic_restart_on_stall is not applied in multi-process training: the critic keeps its weights."
                 )
+                return
         critic = getattr(self.critic, "module", self.critic)  # a DataParallel-like wrapper
         with torch.no_grad():
             if callable(getattr(critic, "reset_parameters", None)):
