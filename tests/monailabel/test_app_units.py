@@ -142,7 +142,9 @@ def test_train_options_checked(tmp_path):
     from lib.trainers.sagan import SAGANTrainTask
 
     task = SAGANTrainTask(ROOT, str(tmp_path / "model.pt"), lambda: None, {})
-    assert task.check_request({})["schedule"] == {"iterations": 1200, "val_interval": 50, "slice_index": None}
+    cpu = json.load(open(os.path.join(ROOT, "configs", "presets", "cpu.json")))
+    expected = {"iterations": cpu["iterations"], "val_interval": cpu["val_interval"], "slice_index": None}
+    assert task.check_request({})["schedule"] == expected
     assert task.check_request({"iterations": "100", "seed": 3})["iterations"] == 100
     assert task.check_request({"preset": "demo", "iterations": 75})["schedule"]["val_interval"] == 25
     refused = [
