@@ -35,7 +35,6 @@ the exported folder by tests/test_zoo_export.py.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from zoo_premerge import write_zoo_unit_test  # noqa: E402
 
 from bundle.demo import make_demo_dataset  # noqa: E402
 from bundle.pretrained import PRETRAINED_DIR, pretrained_manifest, pretrained_model_path  # noqa: E402
+from bundle.pretrained import sha256_of as sha256  # noqa: E402
 from bundle.settings import load_model_settings, model_file_contents, read_model  # noqa: E402
 
 LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files --maxkb=1024 refuses larger files
@@ -213,14 +213,6 @@ def localise_links(text: str, exported: set[str]) -> str:
         return f"{label} (`{os.path.normpath(os.path.join('docs', path))}` in the SAGAN bundle's repository)"
 
     return MARKDOWN_LINK.sub(fix, text)
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json(path: str, data: Any) -> None:
