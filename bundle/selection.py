@@ -257,7 +257,7 @@ class BestModelSaver(_ModelFileWriter):
         trainer: the training engine (for the iteration recorded).
         metric_name: the evaluator metric to maximise (``val_auc``, ``val_pseudo_auc``).
         resume: continue the best score of an existing file (a training checkpoint's ``state_dict`` also does).
-        training_record: optional object whose ``record()`` is added to the settings (the critic-stall record).
+        training_record: an object, or a list of them, whose ``record()`` is added to the settings (stall, domain).
     """
 
     def __init__(
@@ -315,7 +315,7 @@ class LastModelSaver(_ModelFileWriter):
         network: the generator.
         settings: object whose ``state_dict()`` gives the settings (the evaluator's operating-point handler).
         evaluator: the evaluator that fills ``settings``.
-        training_record: optional object whose ``record()`` is added to the settings (the critic-stall record).
+        training_record: an object, or a list of them, whose ``record()`` is added to the settings (stall, domain).
     """
 
     def __init__(
