@@ -4,6 +4,7 @@
 __version__ = "0.9.0"
 
 from . import (  # noqa: E402
+    acceleration,
     conformal,
     data,
     demo,

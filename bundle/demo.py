@@ -12,6 +12,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .atomic import write_text_atomic
+
 __all__ = ["DEMO_SIZES", "make_demo_dataset", "resolve_dataset_dir"]
 
 logger = logging.getLogger(__name__)
@@ -108,10 +110,7 @@ def make_demo_dataset(root: str, seed: int = 0, sizes: dict | None = None) -> st
         "test": lists["test"],
         "masks": masks,
     }
-    tmp = os.path.join(root, "data.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, os.path.join(root, "data.json"))
+    write_text_atomic(os.path.join(root, "data.json"), json.dumps(data, indent=1))  # last: it marks the set complete
     logger.info(f"wrote the demo data set to {root}")
     return root
 

@@ -1,9 +1,10 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Tests of the Med-AD importers (scripts/import_medad.py, bundle/importers.py) on small generated sources: DICOMs
+"""Tests of the Med-AD importers (scripts/import_medad.py, bundle/importers/) on small generated sources: DICOMs
 with realistic tags (MONOCHROME1/2, 12 bits stored in 16, rescale slope/intercept, JPEG baseline), bad DICOMs, and
 the CSVs in the formats of RSNA and VinDr-CXR."""
 
 import csv
+import importlib.util
 import json
 import os
 
@@ -14,10 +15,16 @@ from PIL import Image
 from pydicom.uid import BasicTextSRStorage
 
 from bundle.data import load_medad_datalist, select_unlabeled
-from bundle.importers import ImporterError, Record, import_drawn, main, read_vindr
+from bundle.importers import ImporterError, Record, import_drawn, read_rsna, read_vindr
 from bundle.transforms.io import load_grayscale
 
+from .conftest import ROOT
 from .dicom_files import make_dicom
+
+_spec = importlib.util.spec_from_file_location("import_medad", os.path.join(ROOT, "scripts", "import_medad.py"))
+import_medad = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(import_medad)
+main = import_medad.main  # the command line, with its arguments as a list
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -172,8 +179,6 @@ def test_rsna_reproducible_with_seed(rsna, tmp_path):
 
 def test_rsna_not_normal_as_abnormal_and_wrong_csv(rsna, tmp_path):
     images, labels, _, _ = rsna
-    from bundle.importers import read_rsna
-
     records, _ = read_rsna(str(images), str(labels), not_normal="abnormal")
     assert sum(r.label == 1 for r in records) == 20 and sum(r.label == 0 for r in records) == 20
     boxes = tmp_path / "stage_2_train_labels.csv"
@@ -413,6 +418,16 @@ def test_generic_csvs_patients_and_val_carved_from_test(tmp_path):
         csv.writer(f).writerows(labelled_rows)
     with pytest.raises(ImporterError, match=r"1 patient\(s\) have images in more than one split \(N0: test, train\)"):
         main(args + ["--out", str(tmp_path / "out2")], **QUIET)
+
+
+def test_files_left_by_an_interrupted_publish_are_removed(tmp_path):
+    for i in range(2):
+        tiny_png(tmp_path / "normal" / f"n{i}.png", i)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".partial-k1ll3d.json").write_text('{"train": ')  # a kill between data.json's write and its rename
+    main(["generic", "--normal", str(tmp_path / "normal"), "--out", str(out), "--workers", "1"], **QUIET)
+    assert sorted(os.listdir(out)) == ["data.json", "images", "import.json", "labels.csv"]
 
 
 @pytest.mark.parametrize("source", ["rsna", "vindr", "lag", "generic"])

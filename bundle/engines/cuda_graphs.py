@@ -8,12 +8,10 @@ the arithmetic. A CUDA graph records the kernels of one iteration once and repla
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import SAGANTrainer
 
 __all__ = [
     "CUDAGraphIterations",
@@ -23,6 +21,8 @@ __all__ = [
 ]
 
 Terms = dict[str, torch.Tensor]
+# (x_n, x_u, x_p, update_g, plan, fire) -> (critic terms, generator terms or None): one iteration's device work
+TrainingStep = Callable[..., tuple[Terms, Terms | None]]
 
 
 def check_cuda_graphs(device: torch.device | str, networks: tuple[torch.nn.Module, ...], compiled: bool) -> None:
@@ -69,9 +69,9 @@ class _Graph(NamedTuple):
 
 
 class CUDAGraphIterations:
-    """Runs :meth:`SAGANTrainer.training_step` as CUDA graphs, one per kind of iteration (critic-only, or generator
-    with a given padded number of touched FPI patches: up to five generator kinds with ``share_clean_patches``,
-    for 0, 1/4, 1/2, 3/4 or all of the patches).
+    """Runs a training step (:meth:`~bundle.engines.SAGANTrainer.training_step`) as CUDA graphs, one per kind of
+    iteration (critic-only, or generator with a given padded number of touched FPI patches: up to five generator
+    kinds with ``share_clean_patches``, for 0, 1/4, 1/2, 3/4 or all of the patches).
 
     The first ``warmup`` iterations of each kind run eagerly on a side stream (they allocate the optimiser states
     and let cuDNN and cuBLAS set up); the next is captured and replayed, and later ones are replayed: every
@@ -89,14 +89,27 @@ class CUDAGraphIterations:
     before it).
 
     Args:
-        trainer: the engine whose ``training_step`` is captured.
+        step: ``(x_n, x_u, x_p, update_g, plan, fire) -> (critic terms, generator terms or None)``, one iteration's
+            device work with no host synchronisation; ``fire`` is called with each iteration event in order.
+        optimizers: the optimisers ``step`` steps (made capturable before the first capture).
+        fire: called with each iteration event after a replay (the engine's ``fire_event``).
+        device: the CUDA device.
         warmup: eager iterations of each kind before its capture.
     """
 
-    def __init__(self, trainer: SAGANTrainer, warmup: int = 2) -> None:
-        self.trainer = trainer
+    def __init__(
+        self,
+        step: TrainingStep,
+        optimizers: Sequence[torch.optim.Optimizer],
+        fire: Callable[[object], None],
+        device: torch.device | str,
+        warmup: int = 2,
+    ) -> None:
+        self.step = step
+        self.optimizers = tuple(optimizers)
+        self.fire = fire
         self.warmup = warmup
-        self.device = torch.device(trainer.state.device)
+        self.device = torch.device(device)
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: dict[tuple, int] = {}
         self._pool = None
@@ -111,7 +124,7 @@ class CUDAGraphIterations:
         update_g: bool,
         plan: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[Terms, Terms | None]:
-        """One training iteration (see :meth:`SAGANTrainer.training_step`); returns copies of its loss terms."""
+        """One training iteration (see ``step``); returns copies of its loss terms."""
         inputs = [x_n, x_u, x_p, *(plan or ())]
         key = (update_g, *((None,) if t is None else (tuple(t.shape), t.dtype, t.stride()) for t in inputs))
         entry = self._graphs.get(key)
@@ -127,7 +140,7 @@ class CUDAGraphIterations:
         entry.graph.replay()
         self.replays += 1
         for event in entry.events:
-            self.trainer.fire_event(event)
+            self.fire(event)
         d_terms, g_terms = entry.outputs
         return _copy(d_terms), _copy(g_terms)
 
@@ -140,13 +153,12 @@ class CUDAGraphIterations:
         stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            out = self.trainer.training_step(*args, self.trainer.fire_event)
+            out = self.step(*args, self.fire)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return out
 
     def _capture(self, inputs: list, update_g: bool) -> _Graph:
-        trainer = self.trainer
-        for opt in (trainer.g_optimizer, trainer.d_optimizer):
+        for opt in self.optimizers:
             prepare_optimizer_for_capture(opt, self.device)
         static = [None if t is None else t.clone() for t in inputs]
         x_n, x_u, x_p, *plan = static
@@ -156,7 +168,7 @@ class CUDAGraphIterations:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph, pool=self._pool, stream=self._side_stream()):
-            outputs = trainer.training_step(x_n, x_u, x_p, update_g, tuple(plan) or None, events.append)
+            outputs = self.step(x_n, x_u, x_p, update_g, tuple(plan) or None, events.append)
         return _Graph(graph, static, outputs, events)
 
 

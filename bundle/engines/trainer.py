@@ -169,35 +169,14 @@ class SAGANTrainer(Trainer):
     returned, as detached scalar tensors: the critic's of this iteration and, from the first generator step on, the
     generator's of the last one (they keep their value on critic-only iterations).
 
-    Speed switches (all off by default; docs/performance.md has the measurements):
-
-    - ``share_clean_patches``: FPI(x_n) equals x_n outside the pasted patch, and G treats each of the N x N
-      patches as a sample of its own (instance norm per patch, position code per patch index), so a patch of
-      FPI(x_n) that the pasted patch does not touch gets exactly G's output for the same patch of x_n. Those
-      patches are not recomputed: about half of the x_p patches at 64x64 with N = 2. The method is unchanged;
-      the one difference is that such a patch's delta mask (paper, Eq. 1) is the one drawn for x_n, so the
-      identity and restoration terms see the same draw there instead of two independent ones. Needs a generator
-      with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`), also inside a
-      DistributedDataParallel wrapper (see :func:`patch_forward`); other generators run as without the switch
-      (with a warning).
-    - ``channels_last``: the generator in channels-last memory layout (faster convolutions with oneDNN on CPU, and
-      the layout cuDNN prefers on GPU; results equal up to float rounding).
-    - ``critic_channels_last``: the critic in channels-last memory layout too. Off: on the CPU it made the
-      training iteration 3-10% slower (its maps are at most 32x32 and its time goes to its large weights); on an
-      H200 it spares cuDNN most conversions between the generator's channels-last output and an NCHW critic
-      (12.0 to 11.8 ms per paper-preset iteration with CUDA graphs; docs/performance.md).
-    - ``autocast_dtype``: ``"bfloat16"`` runs the forward passes under ``torch.autocast`` on the engine's
-      device (GPUs, and CPUs with bf16 instructions: results are no longer float32 results; the losses are summed
-      in float32).
-    - ``compile_generator``: ``torch.compile`` the generator (compilation takes minutes at the first
-      iterations; compiled code draws the delta masks from another random stream than eager code). With
-      ``share_clean_patches`` the number of touched FPI patches, which changes from batch to batch, is padded up
-      to a multiple of a quarter of the patches (copies of one touched patch whose outputs are dropped), so that
-      the compiled generator sees at most five fixed shapes: inductor's dynamic-shape path failed on CPU.
-    - ``cuda_graphs``: capture each kind of iteration (:meth:`training_step`) as a CUDA graph and replay it
-      (:class:`~bundle.engines.CUDAGraphIterations`; CUDA only, not under DistributedDataParallel, not with
-      ``compile_generator``). The touched FPI patches are padded as for ``compile_generator``; random draws come
-      from another stream than eager code's; the iteration events fire after each replay.
+    Speed switches (all off by default; what each changes and its measurements: docs/performance.md, "The
+    trainer's speed switches"): ``share_clean_patches`` (patches of FPI(x_n) that the pasted patch misses are taken
+    from G(x_n) instead of recomputed; needs a generator with ``forward_patches`` and ``patches_per_side``, others
+    run without it, with a warning), ``channels_last`` / ``critic_channels_last`` (memory layout of the networks),
+    ``autocast_dtype`` (forward passes under ``torch.autocast``, losses in float32), ``compile_generator``
+    (``torch.compile``) and ``cuda_graphs`` (each kind of iteration captured as a CUDA graph by
+    :class:`~bundle.engines.CUDAGraphIterations` and replayed; CUDA only, not under DistributedDataParallel, not with
+    ``compile_generator``). With every switch off an iteration is the recipe above, step by step.
 
     Events: MONAI's ``IterationEvents`` (FORWARD_COMPLETED after the generator pass, LOSS/BACKWARD_COMPLETED for
     the critic step, MODEL_COMPLETED at the end) and, as in MONAI's ``AdversarialTrainer``, the
@@ -332,7 +311,9 @@ class SAGANTrainer(Trainer):
         self._graphs: CUDAGraphIterations | None = None
         if cuda_graphs:
             check_cuda_graphs(self.state.device, (g_network, d_network), compile_generator)
-            self._graphs = CUDAGraphIterations(self)
+            self._graphs = CUDAGraphIterations(
+                self.training_step, (g_optimizer, d_optimizer), self.fire_event, self.state.device
+            )
         if compile_generator:
             self._g_forward = torch.compile(g_network)
             if self._g_patches is not None:

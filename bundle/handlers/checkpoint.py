@@ -7,51 +7,22 @@ import contextlib
 import glob
 import logging
 import os
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
 
 import torch
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "CheckpointWriteError", "latest_checkpoint", "resume_checkpoint", "write_atomic"]
+from ..atomic import PARTIAL_PREFIX, write_atomic
+
+__all__ = ["AtomicCheckpointSaver", "CheckpointWriteError", "latest_checkpoint", "resume_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-# a checkpoint being written: never matched by latest_checkpoint's "checkpoint*.pt", removed if a kill left it
-PARTIAL_PREFIX = ".partial-"
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (disk full, read-only folder, ...); the previous one is kept."""
-
-
-def write_atomic(write: Callable[[IO[bytes]], None], path: str) -> None:
-    """Writes a file through ``write(file)`` on a temporary ``.partial-*`` file in the same folder, flushed to the
-    disk, then renamed over ``path``: a kill or power cut at any moment leaves either the old file or the new one,
-    never a partial one. The file is made readable by group and others (as a plain ``open`` would)."""
-    dirname = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".pt", dir=dirname)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
-    with contextlib.suppress(OSError):  # the rename itself on the disk (not possible on every file system)
-        dir_fd = os.open(dirname, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -85,7 +56,7 @@ class _AtomicDiskSaver(DiskSaver):
             ) from e
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        write_atomic(lambda f: func(checkpoint, f, **self.kwargs), str(path))
+        write_atomic(str(path), lambda f: func(checkpoint, f, **self.kwargs))
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

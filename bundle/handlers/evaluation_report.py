@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ..atomic import write_text_atomic
 from ..conformal import ALPHAS, clopper_pearson
 from ..visualize import save_extremes
 from .operating_point import specificity_interval
@@ -234,20 +236,20 @@ class EvaluationReportHandler:
         if p_values is not None:
             report["conformal"] = self._conformal(p_values, labels)
         report.update(self.extra_info)
-        with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=4)
+        write_text_atomic(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=4))
+        header, table = ["file", "label", "score"], [list(row) for row in self.rows]
+        if self.domain and len(self.domain) == len(self.rows):
+            header += ["in_domain", "domain_distance"]
+            table = [[*row, int(flag), distance] for row, (flag, distance) in zip(table, self.domain)]
+        if p_values is not None:
+            header.append("p_value")
+            table = [[*row, p] for row, p in zip(table, self.p_values)]
+        scores_csv = io.StringIO()
+        writer = csv.writer(scores_csv)
+        writer.writerow(header)
+        writer.writerows(table)
         # a file name that is not UTF-8 (surrogate-escaped by Python) is written as \udcXX instead of failing
-        with open(os.path.join(self.output_dir, "scores.csv"), "w", newline="", errors="backslashreplace") as f:
-            header, table = ["file", "label", "score"], [list(row) for row in self.rows]
-            if self.domain and len(self.domain) == len(self.rows):
-                header += ["in_domain", "domain_distance"]
-                table = [[*row, int(flag), distance] for row, (flag, distance) in zip(table, self.domain)]
-            if p_values is not None:
-                header.append("p_value")
-                table = [[*row, p] for row, p in zip(table, self.p_values)]
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(table)
+        write_text_atomic(os.path.join(self.output_dir, "scores.csv"), scores_csv.getvalue(), errors="backslashreplace")
         name = {k: f"{k} = {v:.4f}" for k, v in metrics.items()}
         for fname, (xs, ys), (xl, yl), key in (
             ("roc.png", roc_curve(scores, labels), ("false positive rate", "true positive rate"), "auc"),

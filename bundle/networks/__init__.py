@@ -12,7 +12,6 @@ from .generator import (
     PositionBlock,
     ResidualBlock,
     SAGANGenerator,
-    place_network,
     split_patches,
     stitch_patches,
 )

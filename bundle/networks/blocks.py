@@ -1,15 +1,12 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
 """conv -> norm -> activation layers of the SAGAN generator (paper, Fig. 2 and Secs. 2.2-2.3) and critic
-(paper, Sec. 3.1, "Implementation details"), as MONAI ``Convolution`` blocks, and the tests that the faster layers
-share (memory layout, which convolutions they replace)."""
+(paper, Sec. 3.1, "Implementation details"), as MONAI ``Convolution`` blocks."""
 
 from __future__ import annotations
 
-import torch
 from monai.networks.blocks import Convolution
-from torch import nn
 
-__all__ = ["IN_AFFINE", "IN_PLAIN", "conv_block", "up_block", "is_channels_last", "is_plain_conv2d"]
+__all__ = ["IN_AFFINE", "IN_PLAIN", "conv_block", "up_block"]
 
 IN_AFFINE = ("instance", {"affine": True})
 IN_PLAIN = ("instance", {"affine": False})
@@ -49,24 +46,4 @@ def up_block(cin: int, cout: int) -> Convolution:
         act="relu",
         norm=IN_AFFINE,
         bias=False,
-    )
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether a 4-D tensor is stored channels-last and not also NCHW-contiguous (one channel, or 1x1 maps, fit
-    both layouts: those count as NCHW)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def is_plain_conv2d(m: nn.Module, kernel_size: int, padding: int) -> bool:
-    """Whether ``m`` is an ``nn.Conv2d`` itself (no subclass) with a ``kernel_size`` x ``kernel_size`` kernel,
-    stride 1, ``padding`` on every side (zeros), no dilation and one group."""
-    return (
-        type(m) is nn.Conv2d
-        and m.kernel_size == (kernel_size, kernel_size)
-        and m.stride == (1, 1)
-        and m.padding == (padding, padding)
-        and m.dilation == (1, 1)
-        and m.groups == 1
-        and m.padding_mode == "zeros"
     )

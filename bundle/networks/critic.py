@@ -13,56 +13,11 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import conv_block
 
-__all__ = ["SAGANCritic", "PatchDiscriminator", "OnePixelConv2d"]
-
-
-class OnePixelConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that computes a one-pixel output, whose window covers the whole input, as one matrix product
-    over the kernel taps that meet the input. The other taps meet zero padding and add nothing, so the result is the
-    convolution's up to float rounding. At 64x64 these are the critic's last two layers: 3/4 of the 4x4 conv's
-    2048 x 1024 x 4 x 4 weights and 8/9 of the final 3x3 conv's meet padding there, yet a convolution reads them all
-    at every pass (critic step 0.59x the time, docs/performance.md). Other inputs take the ordinary convolution.
-
-    Same parameters and state dict as ``nn.Conv2d``; (B, Cin, H, W) -> (B, Cout, H', W').
-    """
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> OnePixelConv2d:
-        """The same layer (shared parameters, hence the same initialisation) with this forward."""
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",  # no random initialisation drawn: the run's random stream stays as without this class
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.padding, str) or x.dim() != 4:  # "same"/"valid" padding, unbatched input
-            return self._conv_forward(x, self.weight, self.bias)
-        h, w = x.shape[-2], x.shape[-1]
-        kh, kw = self.kernel_size[0], self.kernel_size[1]
-        sh, sw = self.stride[0], self.stride[1]
-        ph, pw = self.padding[0], self.padding[1]
-        one_pixel = (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0 and ph + h <= kh and pw + w <= kw
-        plain = self.groups == 1 and self.dilation[0] == 1 and self.dilation[1] == 1 and self.padding_mode == "zeros"
-        if one_pixel and plain:
-            taps = self.weight[:, :, ph : ph + h, pw : pw + w]
-            return F.linear(x.flatten(1), taps.flatten(1), self.bias)[:, :, None, None]
-        return self._conv_forward(x, self.weight, self.bias)
+__all__ = ["SAGANCritic", "PatchDiscriminator"]
 
 
 class SAGANCritic(nn.Module):
@@ -113,9 +68,6 @@ class SAGANCritic(nn.Module):
             layers.append(conv_block(cin, cout, 4, stride=2, bias=True, norm=None, act=act))
             cin, cout = cout, cout * 2
         layers.append(nn.Conv2d(cin, 1, kernel_size=3, padding=1, bias=False))
-        for block in layers[:-1]:
-            block.conv = OnePixelConv2d.from_conv(block.conv)
-        layers[-1] = OnePixelConv2d.from_conv(layers[-1])
         self.net = nn.Sequential(*layers)
         if init == "kaiming":
             self._kaiming_init()

@@ -9,27 +9,20 @@
   connections at each decoder level; the decoder outputs are upsampled, concatenated and fused into the
   additive map by multi-level feature fusion (paper, Sec. 2.3, last sentence; Fig. 2).
 
-Memory layout: the network runs in PyTorch's default (NCHW) layout, or channels-last after
-``generator.to(memory_format=torch.channels_last)``, which is faster on CPU with oneDNN (docs/performance.md) and is
-the layout cuDNN prefers on GPUs (not measured here). In channels-last, instance norm runs as a group norm with one
-channel per group (the same statistics, without the copy back to NCHW that ``instance_norm`` makes) and 1x1
-convolutions run as matrix products over the channels; the results agree with the NCHW ones up to float rounding.
+Faster versions of some layers (channels-last memory layout, fused kernels) live in :mod:`bundle.acceleration`, which
+``place_network`` applies when a speed preset asks; this module is the method only.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from functools import cache
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import ADN
 from torch import nn
 
 from ..checks import require_bool
-from .blocks import IN_PLAIN, conv_block, is_channels_last, is_plain_conv2d, up_block
-from .winograd import use_winograd_convolutions
+from .blocks import IN_PLAIN, conv_block, up_block
 
 __all__ = [
     "PositionalConditionEncoding",
@@ -38,15 +31,9 @@ __all__ = [
     "DecoderResidualBlock",
     "AttentionGate",
     "SAGANGenerator",
-    "LayoutAwareInstanceNorm2d",
-    "LayoutAwarePointwiseConv2d",
-    "FusedInstanceNormAct2d",
-    "fuse_instance_norm_relu",
     "NoPositionCode",
     "split_patches",
     "stitch_patches",
-    "is_channels_last",
-    "place_network",
 ]
 
 
@@ -69,172 +56,6 @@ def stitch_patches(p: torch.Tensor, n: int) -> torch.Tensor:
     b = bp // (n * n)
     p = p.reshape(b, n, n, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
     return p.reshape(b, c, n * ph, n * pw)
-
-
-def place_network(
-    network: nn.Module,
-    device: torch.device | str,
-    channels_last: bool = False,
-    fused_instance_norm: bool = False,
-    winograd_convolutions: bool = False,
-) -> nn.Module:
-    """``network`` on ``device``, in channels-last memory layout if asked, with its instance norms (and the ReLUs
-    after them) fused into Triton kernels on CUDA if asked (:func:`fuse_instance_norm_relu`), and with its 3x3
-    convolutions on 4x4 maps computed by Winograd's algorithm on the CPU if asked
-    (:func:`~bundle.networks.winograd.use_winograd_convolutions`). Done before a DistributedDataParallel wrapper is
-    built, whose gradient buckets keep the parameters' layout at construction."""
-    require_bool(
-        channels_last=channels_last,
-        fused_instance_norm=fused_instance_norm,
-        winograd_convolutions=winograd_convolutions,
-    )
-    if fused_instance_norm:
-        fuse_instance_norm_relu(network)
-    if winograd_convolutions:
-        use_winograd_convolutions(network)
-    network = network.to(device)
-    return network.to(memory_format=torch.channels_last) if channels_last else network
-
-
-# PyTorch's CPU group_norm on a channels-last map of fewer pixels than this parallelises over (sample, group) and
-# reads each group's channels with a stride of C (its ``feature_map_threshold``): with one channel per group that is
-# one float per cache line, several times slower than normalising an NCHW copy (docs/performance.md)
-_CPU_CHANNELS_LAST_NORM_MIN_PIXELS = 1024
-
-
-class _InstanceNormOnNCHWCopy(torch.autograd.Function):
-    """Instance norm (one-channel groups, optional affine) of a channels-last (B, C, H, W) tensor computed on an
-    NCHW copy in ``dtype``; the output and the input gradient come back channels-last in the input's dtype (through
-    autograd's copy the gradient would stay NCHW and slow the convolution before). Saves the NCHW copy and the
-    (B, C) statistics, as ``group_norm`` saves its input."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, dtype: torch.dtype):  # noqa: D102
-        n, c, h, w = x.shape
-        x_nchw = x.to(dtype, memory_format=torch.contiguous_format)
-        y, mean, rstd = torch.native_group_norm(x_nchw, weight, bias, n, c, h * w, c, eps)
-        ctx.save_for_backward(x_nchw, weight, mean, rstd)
-        ctx.input_dtype = x.dtype
-        return y.to(x.dtype, memory_format=torch.channels_last)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # noqa: D102
-        x_nchw, weight, mean, rstd = ctx.saved_tensors
-        n, c, h, w = x_nchw.shape
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_nchw = grad.to(x_nchw.dtype, memory_format=torch.contiguous_format)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
-            grad_nchw, x_nchw, mean, rstd, weight, n, c, h * w, c, mask
-        )
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.input_dtype, memory_format=torch.channels_last)
-        return grad_x, grad_w, grad_b, None, None
-
-
-class LayoutAwareInstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (instance statistics, no running statistics) that keeps a channels-last input
-    channels-last: there it computes the same normalisation as ``F.group_norm`` with one channel per group
-    (``instance_norm`` would copy the input to NCHW and return NCHW), on the CPU for maps under 1024 pixels on an
-    NCHW copy (PyTorch's channels-last kernel is slow there). NCHW inputs take ``instance_norm`` itself.
-    A bfloat16 / float16 channels-last input (autocast) is normalised in float32 and returned in its own dtype.
-    Same parameters and state dict as ``nn.InstanceNorm2d``; (B, C, H, W) -> (B, C, H, W)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_channels_last(x) and not self.track_running_stats:
-            # CPU autocast leaves group_norm in bfloat16, where it is several times slower than in float32
-            # (CUDA autocast runs it in float32 anyway)
-            dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-            if not torch.jit.is_scripting():  # (a scripted module keeps PyTorch's channels-last kernel)
-                if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < _CPU_CHANNELS_LAST_NORM_MIN_PIXELS:
-                    return self._normalise_nchw_copy(x, dtype)
-            y = F.group_norm(x.to(dtype), x.shape[1], self.weight, self.bias, self.eps)
-            return y.to(x.dtype)
-        return F.instance_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0,
-            self.eps,
-        )
-
-    @torch.jit.unused
-    def _normalise_nchw_copy(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _InstanceNormOnNCHWCopy.apply(x, self.weight, self.bias, self.eps, dtype)
-
-
-class LayoutAwarePointwiseConv2d(nn.Conv2d):
-    """A 1x1, stride-1 ``nn.Conv2d`` that runs on a channels-last input as one matrix product over the channels
-    (``F.linear`` on the (B, H, W, C) view, no copy); NCHW inputs take the ordinary convolution. Same parameters
-    and state dict as ``nn.Conv2d``; (B, Cin, H, W) -> (B, Cout, H, W), channels-last in, channels-last out."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_channels_last(x):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
-        return self._conv_forward(x, self.weight, self.bias)
-
-
-@cache
-def _triton_instance_norm():
-    """The Triton kernels' entry point, or None (with one warning) where Triton cannot be imported."""
-    try:
-        from .triton_instance_norm import instance_norm_act
-    except ImportError as e:
-        warnings.warn(f"fused_instance_norm: Triton is not available ({e}); instance norms run unfused.", stacklevel=3)
-        return None
-    return instance_norm_act
-
-
-class FusedInstanceNormAct2d(LayoutAwareInstanceNorm2d):
-    """:class:`LayoutAwareInstanceNorm2d` followed by a ReLU if ``relu`` (the ReLU of the enclosing ADN block,
-    which becomes an ``nn.Identity``). On a channels-last CUDA tensor both run as Triton kernels
-    (``triton_instance_norm``): the output keeps the input's dtype (bf16 under autocast) and layout, with no
-    float32 or NCHW copies in between. Elsewhere (CPU, NCHW, no Triton) it computes what the two layers computed
-    before. Same parameters and state dict as ``nn.InstanceNorm2d``; (B, C, H, W) -> (B, C, H, W)."""
-
-    relu: bool = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and is_channels_last(x) and not self.track_running_stats:
-            kernel = _triton_instance_norm()
-            if kernel is not None:
-                return kernel(x, self.weight, self.bias, self.eps, self.relu)
-        y = super().forward(x)
-        return F.relu_(y) if self.relu else y  # a fresh tensor: in place, as the ADN's in-place ReLU did
-
-
-def fuse_instance_norm_relu(module: nn.Module) -> nn.Module:
-    """Turn every instance norm without running statistics under ``module`` into a
-    :class:`FusedInstanceNormAct2d`, taking over the ReLU where an ADN block runs norm then ReLU. Parameters,
-    state-dict keys and CPU results are unchanged; returns ``module``."""
-    modules = list(module.modules())
-    for m in modules:
-        if isinstance(m, nn.InstanceNorm2d) and not m.track_running_stats:
-            m.__class__ = FusedInstanceNormAct2d
-    for m in modules:
-        if isinstance(m, ADN) and list(m._modules) == ["N", "A"] and type(m.A) is nn.ReLU:
-            if isinstance(m.N, FusedInstanceNormAct2d):
-                m.N.relu = True
-                m.A = nn.Identity()
-    return module
-
-
-def _use_faster_layers(module: nn.Module) -> None:
-    """Give every InstanceNorm2d (without running statistics) and every plain 1x1 Conv2d under ``module`` the
-    layout-aware ``forward`` above, and make every ReLU that follows a norm in-place (the norm's output feeds only
-    the ReLU, and a norm's backward needs its input, not its output: one activation less kept per layer). Only the
-    class or the ``inplace`` flag changes: parameters, state-dict keys and the random draws of the initialisation
-    are untouched, and NCHW inputs get the values they got before, bit for bit."""
-    for m in module.modules():
-        if type(m) is nn.InstanceNorm2d and not m.track_running_stats:
-            m.__class__ = LayoutAwareInstanceNorm2d
-        elif is_plain_conv2d(m, kernel_size=1, padding=0):
-            m.__class__ = LayoutAwarePointwiseConv2d
-        elif isinstance(m, ADN) and list(m._modules) == ["N", "A"] and type(m.A) is nn.ReLU:
-            m.A.inplace = True
 
 
 class PositionalConditionEncoding(nn.Module):
@@ -273,14 +94,11 @@ class PositionBlock(nn.Module):
     back to C channels: (B*n*n, C, h, w) -> (B*n*n, C, h, w); ``positions`` as for
     :class:`PositionalConditionEncoding`.
 
-    On a channels-last input the concatenation is not materialised: the code is constant over the patch, so its
-    part of the 1x1 conv is one vector per patch, added to the conv of the features (the same sum, reordered).
-
-    Note: for the same reason the instance norm that follows (it subtracts each channel's mean over the patch)
-    removes the code's contribution, and the conv's bias, again up to float rounding: as specified, the block's
-    output does not depend on the patch position (docs/performance.md, "Findings"). With ``after_norm=True`` (a
-    documented deviation, off in the paper preset) the code's part of the 1x1 conv and the bias are added after the
-    instance norm, before the ReLU, so that the position reaches the output; same parameters and state dict.
+    Note: the instance norm that follows the 1x1 conv subtracts each channel's mean over the patch, so it removes
+    the code's contribution, and the conv's bias, up to float rounding: as specified, the block's output does not
+    depend on the patch position (docs/performance.md, "Findings"). With ``after_norm=True`` (a documented
+    deviation, off in the paper preset) the code's part of the 1x1 conv and the bias are added after the instance
+    norm, before the ReLU, so that the position reaches the output; same parameters and state dict.
     """
 
     def __init__(self, channels: int, encoding: PositionalConditionEncoding, after_norm: bool = False) -> None:
@@ -297,13 +115,6 @@ class PositionBlock(nn.Module):
             per_patch = F.linear(code, weight[:, c:, 0, 0], self.fuse.conv.bias)  # (P, C)
             y = self.fuse.adn.N(F.conv2d(x, weight[:, :c])) + per_patch[:, :, None, None]
             return self.fuse.adn.A(y)
-        if is_channels_last(x):
-            c = x.shape[1]
-            weight = self.fuse.conv.weight.flatten(1)  # (C, C + bits)
-            code = self.encoding.codes_for(x.shape[0], positions).to(x.dtype)
-            per_patch = F.linear(code, weight[:, c:], self.fuse.conv.bias)  # (P, C)
-            y = F.linear(x.permute(0, 2, 3, 1), weight[:, :c]) + per_patch[:, None, None, :]
-            return self.fuse.adn(y.permute(0, 3, 1, 2))
         return self.fuse(self.encoding(x, positions))
 
 
@@ -446,14 +257,11 @@ class SAGANGenerator(nn.Module):
         self.fuse1 = nn.Sequential(up_block(d4, d2), up_block(d2, d1))
         self.fuse2 = up_block(d2, d1)
         self.head = nn.Sequential(DecoderResidualBlock(3 * d1, d1), conv_block(d1, in_channels, 7, norm=None, act=None))
-        _use_faster_layers(self)
 
     def additive_map(self, p: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The additive map I(x) (paper, Eq. 1) for patches (B*N*N, C, h, w) -> (B*N*N, C, h, w), unbounded.
         ``positions``: see :meth:`forward_patches`."""
         y0 = self.stem(p)
-        if is_channels_last(self.down3.conv.weight):
-            y0 = y0.contiguous(memory_format=torch.channels_last)  # the one-channel stem cannot tell the layout
         y1 = self.down1[1](self.down1[0](y0), positions)
         y2 = self.down2[1](self.down2[0](y1), positions)
         emb = self.bottleneck[0](self.down3(y2), positions)

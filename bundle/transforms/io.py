@@ -14,7 +14,7 @@ from monai.data import MetaTensor, PILReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform
 from PIL import Image
 
-__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale", "header_size", "printable_name"]
+__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale", "make_loader", "header_size", "printable_name"]
 
 # Above this many pixels in its 2D plane an image is refused before its pixels are decoded: 50 M pixels are 200 MB
 # as float32 (7071 x 7071; radiographs and mammograms have at most about 30 M). The model sees 64 x 64. A volume
@@ -94,9 +94,10 @@ def _palette_to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L") if image.mode in ("P", "PA") else image
 
 
-def _loader() -> LoadImage:
-    # the DICOM reader keeps all tags so that MONOCHROME1 can be recognised; NIfTI falls back to MONAI's
-    # default reader chosen by suffix (nibabel).
+def make_loader() -> LoadImage:
+    """The MONAI ``LoadImage`` that :func:`load_grayscale` reads with: DICOM keeping every tag (so that MONOCHROME1 is
+    recognised), PNG/JPEG/BMP through PIL (palette images mapped to grey), NIfTI by MONAI's default reader chosen by
+    suffix (nibabel). Build one per process and pass it as ``loader`` to read many files."""
     return LoadImage(
         reader=[PydicomReader(prune_metadata=False), PILReader(converter=_palette_to_grey)],
         image_only=True,
@@ -136,7 +137,7 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
             f"image and {8 * MAX_PIXELS:,} per volume (bundle.transforms.io.MAX_PIXELS); downscale it first",
         )
     try:
-        img = (loader or _loader())(filename)
+        img = (loader or make_loader())(filename)
     except Exception as e:  # every reader raises its own error type; the user needs the file and the reason
         raise BadImageError(filename, f"cannot read image ({_reason(e)})") from e
     spatial = tuple(img.shape[1:])
@@ -186,7 +187,7 @@ class LoadGrayscaleImaged(MapTransform):
     def __init__(self, keys: KeysCollection, slice_index: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.slice_index = slice_index
-        self.loader = _loader()
+        self.loader = make_loader()
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import is_channels_last, is_plain_conv2d
+from .layout import is_channels_last, is_plain_conv2d
 
 __all__ = ["WinogradConv2d", "use_winograd_convolutions"]
 
