@@ -65,24 +65,37 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     **{f"ar{r}": ([], {"anomaly_ratio": r}) for r in ("0", "0.2", "0.4", "0.8")},
     "sagan_fast": (["configs/presets/fast.json"], {}),  # not an ablation: SAGAN with the speed switches
     "sagan_gpu": (["configs/presets/gpu.json"], {}),  # the speed switches and bf16 autocast (GPU; CPUs with bf16)
-    "sagan_fast_compiled": (["configs/presets/fast.json"], {"compile_generator": "True"}),  # + torch.compile of G
+    "sagan_fast_compiled": (
+        ["configs/presets/fast.json"],
+        {"train#trainer#compile_generator": "True"},
+    ),  # + torch.compile of G
     # the generator's 3x3 convolutions on 4x4 maps by Winograd's F(4x4, 3x3) (fast.json turns it on on a CPU)
-    "sagan_fast_winograd": (["configs/presets/fast.json"], {"winograd_convolutions": "True"}),
+    "sagan_fast_winograd": (["configs/presets/fast.json"], {"generator#winograd_convolutions": "True"}),
     # gpu.json with whole iterations as CUDA graphs forced on (gpu.json turns them on by itself on a CUDA device)
-    "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"cuda_graphs": "True"}),
+    "sagan_gpu_graphs": (["configs/presets/gpu.json"], {"train#trainer#cuda_graphs": "True"}),
     # ... and the generator's instance norms + ReLUs as Triton kernels
-    "sagan_gpu_graphs_fused": (["configs/presets/gpu.json"], {"cuda_graphs": "True", "fused_instance_norm": "True"}),
+    "sagan_gpu_graphs_fused": (
+        ["configs/presets/gpu.json"],
+        {"train#trainer#cuda_graphs": "True", "generator#fused_instance_norm": "True"},
+    ),
     # ... and a channels-last critic with cuDNN's autotuned algorithms (H200: 12.0 -> 11.4 ms per iteration)
     "sagan_gpu_graphs_fused_clcritic_autotuned": (
-        ["configs/presets/gpu.json"],
+        ["configs/presets/gpu.json", "configs/presets/cudnn_autotuned.json"],
         {
-            "cuda_graphs": "True",
-            "fused_instance_norm": "True",
-            "critic_channels_last": "True",
-            "cudnn_deterministic": "False",
-            "cudnn_benchmark": "True",
+            "train#trainer#cuda_graphs": "True",
+            "generator#fused_instance_norm": "True",
+            "discriminator#channels_last": "True",
+            "train#trainer#critic_channels_last": "True",
         },
     ),
+    # the cpu preset's recipe since 0.9.0 (He-normal critic init, critic restart on a stall, 2400 iterations, 30-minute
+    # cap) with the speed switches: the README's CPU command. Rows of `sagan`/`sagan_fast` with preset cpu from before
+    # 0.9.0 used the published critic init (the commit of each row is in results_runs.jsonl).
+    "recipe": (["configs/presets/fast.json"], {}),
+    # the same schedule with the published critic init and no restart: the "before" arm of the recipe
+    "recipe_published_init": (["configs/presets/fast.json"], {"d_init": "default", "critic_restart_on_stall": "False"}),
+    # Brainomaly's generator (the paper's baseline) on the recipe's schedule and speed switches
+    "baseline_fast": (["configs/presets/brainomaly.json", "configs/presets/fast.json"], {}),
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
     "sagan_pseudo": ([], {"pseudo_holdout": "0.1"}),  # 10% of T_n and T_u held out for the label-free choice
 }

@@ -20,11 +20,10 @@ Loops (``--loops``, default all three):
 - ``engine``: ``SAGANTrainer`` as configured before this work (one G pass over cat(x_u, x_n, FPI(x_n)) reused by
   both steps, a no-grad G pass on critic-only iterations), default Adam, the networks' plain layers.
 - ``fast``: ``SAGANTrainer(share_clean_patches=True, channels_last=True)`` with ``Adam(fused=True)`` and the
-  networks' faster layers (channels-last-aware instance norm and 1x1 convs; the critic's one-pixel convs, where
-  ``bundle/networks/critic.py`` has them).
+  networks' faster layers from ``bundle.acceleration`` (channels-last-aware instance norm and 1x1 convs; the
+  critic's one-pixel convs).
 
-The authors' and engine loops run the networks with their plain layers (``plain_layers``), whatever faster layers
-the bundle's networks have.
+The authors' and engine loops run the networks as ``bundle.networks`` builds them: plain layers.
 
 One training "iteration" is the mean of a critic-only iteration and a generator iteration (n_critic = 2); every
 repeat runs each loop on the same batches in turn (interleaved), and the table gives medians. Inputs are random
@@ -73,17 +72,17 @@ from torch.utils.flop_counter import flop_registry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bundle.acceleration import (  # noqa: E402
+    fuse_instance_norm_relu,
+    place_network,
+    use_layout_aware_layers,
+    use_one_pixel_convolutions,
+    use_winograd_convolutions,
+)
 from bundle.engines import SAGANTrainer  # noqa: E402
 from bundle.environment import keep_freed_cpu_memory, machine_info, set_cudnn_algorithms  # noqa: E402
 from bundle.losses import SAGANCriticLoss, gradient_penalty  # noqa: E402
 from bundle.networks import split_patches  # noqa: E402
-from bundle.networks.critic import OnePixelConv2d  # noqa: E402
-from bundle.networks.generator import (  # noqa: E402
-    LayoutAwareInstanceNorm2d,
-    LayoutAwarePointwiseConv2d,
-    fuse_instance_norm_relu,
-)
-from bundle.networks.winograd import use_winograd_convolutions  # noqa: E402
 from bundle.transforms import RandForeignPatchInterpolation  # noqa: E402
 
 LOOPS = ("authors", "engine", "fast")
@@ -282,30 +281,16 @@ class KeptMemoryLoop:
         self.process.join()
 
 
-def plain_layers(net: torch.nn.Module) -> torch.nn.Module:
-    """Turn the bundle's faster layers (layout-aware instance norm and 1x1 conv, in-place ReLU, the critic's
-    one-pixel conv) back into plain ``nn.Conv2d`` / ``nn.InstanceNorm2d`` / ``nn.ReLU``: the layers the authors'
-    code (and the engine before this work) ran. Parameters are untouched."""
-    for m in net.modules():
-        if isinstance(m, LayoutAwareInstanceNorm2d):
-            m.__class__ = torch.nn.InstanceNorm2d
-        elif isinstance(m, (LayoutAwarePointwiseConv2d, OnePixelConv2d)):
-            m.__class__ = torch.nn.Conv2d
-        elif isinstance(m, torch.nn.ReLU):
-            m.inplace = False
-    return net
-
-
 def make_loop(name: str, preset: str, eager: bool = False) -> tuple[Callable[[int, dict], None], dict, torch.nn.Module]:
     """Loop ``name``'s iteration function, its settings and its generator; ``eager``: without CUDA graphs and
     compilation (the same tensor work, run op by op)."""
     torch.manual_seed(0)
     g, d, settings = build(preset)
-    g, d = g.to(DEVICE), d.to(DEVICE)
-    if name in ("authors", "engine"):
-        g = plain_layers(g)
-    if name in ("authors", "engine", "fast_plain_critic"):
-        d = plain_layers(d)
+    g, d = g.to(DEVICE), d.to(DEVICE)  # plain layers: those the authors' code (and the engine before this work) ran
+    if name not in ("authors", "engine"):
+        g = use_layout_aware_layers(g)
+    if name not in ("authors", "engine", "fast_plain_critic"):
+        d = use_one_pixel_convolutions(d)
     if "fusednorm" in name:
         g = fuse_instance_norm_relu(g)
     if "winograd" in name:
@@ -458,7 +443,7 @@ def time_inference(args: argparse.Namespace) -> dict:
     batch = args.batch or 64
     torch.manual_seed(0)
     g_nchw = build(args.preset)[0].eval().to(DEVICE)
-    g_cl = build(args.preset)[0].eval().to(DEVICE).to(memory_format=torch.channels_last)
+    g_cl = place_network(build(args.preset)[0].eval(), DEVICE, channels_last=True)
     g_cl.load_state_dict(g_nchw.state_dict())
     x = make_batches(1, batch)[0]["normal"]
     with FlopCount() as counter, torch.no_grad():  # (the dispatch mode sees nothing under inference_mode)
@@ -466,14 +451,14 @@ def time_inference(args: argparse.Namespace) -> dict:
     flops = counter.total * batch / 2
     nets = {"NCHW (engine, authors)": (g_nchw, None), "channels_last (fast)": (g_cl, None)}
     if DEVICE.type == "cpu":
-        g_winograd = use_winograd_convolutions(build(args.preset)[0]).eval().to(memory_format=torch.channels_last)
+        g_winograd = place_network(build(args.preset)[0].eval(), DEVICE, channels_last=True, winograd_convolutions=True)
         g_winograd.load_state_dict(g_nchw.state_dict())
         nets["channels_last + Winograd (fast, CPU)"] = (g_winograd, None)
     if args.inference_bf16:
         nets["channels_last + bf16 autocast"] = (g_cl, torch.bfloat16)
         if DEVICE.type == "cuda":
-            g_fused = fuse_instance_norm_relu(build(args.preset)[0]).eval().to(DEVICE)
-            g_fused.to(memory_format=torch.channels_last).load_state_dict(g_nchw.state_dict())
+            g_fused = place_network(build(args.preset)[0].eval(), DEVICE, channels_last=True, fused_instance_norm=True)
+            g_fused.load_state_dict(g_nchw.state_dict())
             nets["channels_last + bf16 autocast + fused instance norm"] = (g_fused, torch.bfloat16)
     times: dict[str, list[float]] = {k: [] for k in nets}
     rates, loads = [], []

@@ -7,9 +7,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from bundle.acceleration import FusedInstanceNormAct2d, LayoutAwareInstanceNorm2d, OnePixelConv2d
+from bundle.acceleration.winograd import WinogradConv2d
 from bundle.engines import epochs_for
-from bundle.networks.generator import FusedInstanceNormAct2d
-from bundle.networks.winograd import WinogradConv2d
 from bundle.settings import DEFAULT_SETTINGS
 
 from .conftest import ROOT
@@ -26,7 +26,8 @@ def test_every_mergeable_config_sets_its_own_run():
     assert config("train.json", "evaluate.json").get("run") == "@evaluating"
     assert config("inference.json").get("run") == "@inferring"
     for preset in os.listdir(os.path.join(ROOT, "configs", "presets")):  # presets never change the workflow
-        assert "run" not in config(os.path.join("presets", preset)).get()
+        with open(os.path.join(ROOT, "configs", "presets", preset)) as f:
+            assert not {"run", "training", "training#0"} & set(json.load(f))
 
 
 def test_metadata_found_where_monai_looks_for_it():
@@ -115,36 +116,50 @@ def test_early_stop_is_wired_and_off_by_default():
     assert parser.get_parsed_content("early_stop_patience") == 0 and parser.get_parsed_content("max_minutes") == 0
 
 
+def test_train_json_declares_no_speed_switch():
+    """The recipe holds no speed keys: the switches have their defaults (off) in Python and the presets turn them on
+    where they are used (``generator#...``, ``train#trainer#...``, ``+initialize``)."""
+    parser = config("train.json")
+    speed = ("share_clean_patches", "channels_last", "fused_adam", "cuda_graphs", "autocast_dtype", "compile_generator")
+    assert not [k for k in speed if k in parser.get()]
+    assert set(parser.get("generator")) == {"_target_", "network", "device"}
+    assert parser.get("initialize") == ["$monai.utils.set_determinism(seed=@seed)"]
+
+
 @pytest.mark.parametrize("presets", [[], ["presets/fast.json"]])
 def test_speed_switches_reach_the_trainer_and_optimisers(presets, tiny_dataset, tmp_path):
-    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator, fused Adam, the
-    kept freed memory (the training list applies it, see test_training_lists_apply_the_allocator_setting) and, on
-    the CPU, the generator's Winograd convolutions on."""
+    """Off by default; ``presets/fast.json`` turns patch sharing, the channels-last generator (with the layout-aware
+    layers), fused Adam, the kept freed memory (in ``initialize``) and, on the CPU, the generator's Winograd
+    convolutions on."""
     parser = config("train.json", *presets)
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
     parser["batch_size"] = 4  # the tiny set's 12 pairs fill no batch of the default 16, which is refused
     trainer = parser.get_parsed_content("train#trainer")
     on = bool(presets)
-    assert trainer.share_clean_patches is on and trainer.channels_last is on
+    assert trainer.share_clean_patches is on
     assert trainer.critic_channels_last is False  # measured slower on the CPU; not in any preset yet
-    assert parser.get_parsed_content("keep_freed_cpu_memory") is on
+    allocator = "$bundle.environment.keep_freed_cpu_memory(@device.type == 'cpu')"
+    assert (allocator in parser.get("initialize")) is on
     assert any(isinstance(m, WinogradConv2d) for m in trainer.g_network.modules()) is on
+    assert any(isinstance(m, LayoutAwareInstanceNorm2d) for m in trainer.g_network.modules()) is on
     conv = next(p for p in trainer.g_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) is on
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         assert bool(opt.defaults["fused"]) is on
+    # the critic's one-pixel convolutions are on in every preset (place_critic's default)
+    assert any(isinstance(m, OnePixelConv2d) for m in trainer.d_network.modules())
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_instance_norm_switch_reaches_the_generator(fused, tiny_dataset, tmp_path):
-    """``fused_instance_norm`` (off in train.json) gives the trained generator the fused norm + ReLU layers."""
+    """``generator#fused_instance_norm`` (off by default) gives the trained generator the fused norm + ReLU layers."""
     parser = config("train.json")
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
     parser["batch_size"] = 4
     if fused:
-        parser["fused_instance_norm"] = True
+        parser["generator#fused_instance_norm"] = True
     g = parser.get_parsed_content("train#trainer").g_network
     assert any(isinstance(m, FusedInstanceNormAct2d) for m in g.modules()) is fused
 
@@ -154,9 +169,8 @@ def test_critic_channels_last_switch_reaches_the_critic(tiny_dataset, tmp_path):
     parser["dataset_dir"] = tiny_dataset
     parser["output_dir"] = parser["ckpt_dir"] = str(tmp_path)
     parser["batch_size"] = 4
-    parser["critic_channels_last"] = True
+    parser["discriminator#channels_last"] = True
     trainer = parser.get_parsed_content("train#trainer")
-    assert trainer.critic_channels_last is True
     conv = next(p for p in trainer.d_network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
@@ -168,34 +182,34 @@ def test_gpu_preset_captures_cuda_graphs_on_a_gpu_only():
     for device, expected in (("cpu", False), ("cuda", True)):
         parser = config("train.json", "presets/gpu.json")
         parser["device"] = f"$torch.device('{device}')"
-        assert parser.get_parsed_content("cuda_graphs") is expected
-        assert parser.get_parsed_content("fused_instance_norm") is expected
-    assert config("train.json", "presets/gpu.json", "multi_gpu_train.json").get_parsed_content("cuda_graphs") is False
+        assert parser.get_parsed_content("train#trainer#cuda_graphs") is expected
+        assert parser.get_parsed_content("generator#fused_instance_norm") is expected
+    parser = config("train.json", "presets/gpu.json", "multi_gpu_train.json")
+    assert parser.get_parsed_content("train#trainer#cuda_graphs") is False
 
 
 @pytest.mark.parametrize("preset", ["presets/fast.json", "presets/gpu.json"])
-def test_fast_presets_keep_freed_memory_on_a_cpu_only(preset):
+def test_fast_presets_keep_freed_memory_on_a_cpu_only(preset, monkeypatch):
+    import bundle.environment
+
     for device, expected in (("cpu", True), ("cuda", False)):
         parser = config("train.json", preset)
         parser["device"] = f"$torch.device('{device}')"
-        assert parser.get_parsed_content("keep_freed_cpu_memory") is expected
+        applied = []
+        monkeypatch.setattr(bundle.environment, "keep_freed_cpu_memory", applied.append)
+        monkeypatch.setattr("monai.utils.set_determinism", lambda seed: None)
+        parser.get_parsed_content("initialize")
+        assert applied == [expected]
         if preset == "presets/fast.json":  # (gpu.json runs bf16, where the Winograd layers take the convolution)
-            assert parser.get_parsed_content("winograd_convolutions") is expected
+            assert parser.get_parsed_content("generator#winograd_convolutions") is expected
 
 
-@pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
-def test_training_lists_apply_the_allocator_setting(names):
-    """The allocator setting is process-wide, so the run applies it first, before any tensor is made."""
-    assert config(*names).get("training")[0] == "$bundle.environment.keep_freed_cpu_memory(@keep_freed_cpu_memory)"
-
-
-@pytest.mark.parametrize("names", [["train.json"], ["train.json", "multi_gpu_train.json"]])
-def test_cudnn_settings_come_after_set_determinism(names):
-    """``set_determinism`` with a seed resets cuDNN's flags, so the configured ones must be applied after it."""
-    steps = config(*names).get("training")
-    determinism = next(i for i, s in enumerate(steps) if "set_determinism" in s)
-    cudnn = steps.index("$bundle.environment.set_cudnn_algorithms(@cudnn_deterministic, @cudnn_benchmark)")
-    assert determinism < cudnn
-    parser = config(*names)
-    assert parser.get_parsed_content("cudnn_deterministic") is True  # set_determinism's own choice, as before
-    assert parser.get_parsed_content("cudnn_benchmark") is False
+def test_multi_gpu_config_changes_only_what_multi_gpu_changes():
+    """``multi_gpu_train.json`` keeps train.json's run and initialisation and adds to them: the process group and a
+    per-rank seed after train.json's ``set_determinism``, the distributed handler attachment in place of the
+    single-process one."""
+    single, multi = config("train.json"), config("train.json", "multi_gpu_train.json")
+    assert multi.get("initialize")[: len(single.get("initialize"))] == single.get("initialize")
+    assert multi.get("initialize")[-1] == "$monai.utils.set_determinism(seed=@rank_seed)"
+    assert multi.get("training")[1:] == single.get("training")[1:]
+    assert multi.get("training")[0].startswith("$bundle.distributed.attach_handlers(")

@@ -20,8 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bundle.acceleration import (
+    FusedInstanceNormAct2d,
+    LayoutAwareInstanceNorm2d,
+    fuse_instance_norm_relu,
+    place_network,
+    use_layout_aware_layers,
+)
 from bundle.networks import SAGANGenerator
-from bundle.networks.generator import FusedInstanceNormAct2d, LayoutAwareInstanceNorm2d, fuse_instance_norm_relu
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_SITE = ROOT / ".venv" / "triton"
@@ -34,7 +40,7 @@ CASES = [(3, 5, 7, 6, True, True), (2, 70, 4, 4, False, True), (2, 20, 9, 9, Tru
 
 COMPARE = """
 import json, sys, torch, torch.nn.functional as F
-from bundle.networks.triton_instance_norm import instance_norm_act
+from bundle.acceleration.triton_instance_norm import instance_norm_act
 
 def compare(n, c, h, w, affine, relu, dtype, device):
     gen = torch.Generator().manual_seed(n * 1000 + c)
@@ -108,8 +114,8 @@ def test_fusing_keeps_parameters_and_cpu_results():
     """Fusing swaps classes and drops the ReLUs it takes over: same state dict, and on the CPU (where the norms run
     unfused) bit-identical outputs and gradients in both layouts."""
     torch.manual_seed(0)
-    plain = SAGANGenerator(conv_dim=8, keep_prob=1.0)
-    fused = fuse_instance_norm_relu(SAGANGenerator(conv_dim=8, keep_prob=1.0))
+    plain = use_layout_aware_layers(SAGANGenerator(conv_dim=8, keep_prob=1.0))  # as place_network does
+    fused = fuse_instance_norm_relu(use_layout_aware_layers(SAGANGenerator(conv_dim=8, keep_prob=1.0)))
     fused.load_state_dict(plain.state_dict())
     assert list(fused.state_dict()) == list(plain.state_dict())
     norms = [m for m in fused.modules() if isinstance(m, FusedInstanceNormAct2d)]
@@ -133,8 +139,8 @@ def test_each_fused_layer_matches_on_its_real_input():
     under autocast): output within bf16 rounding of float64 ``group_norm`` (+ ``relu``), in the input's dtype and
     layout."""
     torch.manual_seed(0)
-    net = (
-        fuse_instance_norm_relu(SAGANGenerator(conv_dim=16, keep_prob=1.0)).cuda().to(memory_format=torch.channels_last)
+    net = place_network(
+        SAGANGenerator(conv_dim=16, keep_prob=1.0), "cuda", channels_last=True, fused_instance_norm=True
     )
     inputs = {}
     hooks = [
@@ -174,8 +180,8 @@ def test_fused_generator_is_as_close_to_float32_as_the_unfused_one(dtype):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     reference = SAGANGenerator(conv_dim=16, keep_prob=1.0).cuda()
-    plain = copy.deepcopy(reference).to(memory_format=torch.channels_last)
-    fused = fuse_instance_norm_relu(copy.deepcopy(reference)).to(memory_format=torch.channels_last)
+    plain = place_network(copy.deepcopy(reference), "cuda", channels_last=True)
+    fused = place_network(copy.deepcopy(reference), "cuda", channels_last=True, fused_instance_norm=True)
     x = torch.rand(8, 1, 64, 64, device="cuda") * 2 - 1
     with torch.no_grad():
         ref = reference(x)

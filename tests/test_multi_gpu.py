@@ -51,7 +51,7 @@ def recording_config(path, record_dir, probe_gradient_penalty: bool = False, sha
     """A config merged last: records each rank's sampler passes, served items (index, donor) and final weights;
     optionally checks the gradient penalty through the DDP critic first, and runs the generator on patches."""
     extra = {
-        "share_clean_patches": share_clean_patches,
+        "train#trainer#share_clean_patches": share_clean_patches,
         "train#sampler#_target_": "tests.distributed_helpers.RecordingSampler",
         "train#sampler#record_dir": str(record_dir),
         "train#dataset#_target_": "tests.distributed_helpers.RecordingDataset",

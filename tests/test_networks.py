@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bundle.acceleration import LayoutAwareInstanceNorm2d
 from bundle.networks import (
     BrainomalyGenerator,
     InstanceNormPerImage,
@@ -20,7 +21,6 @@ from bundle.networks import (
     split_patches,
     stitch_patches,
 )
-from bundle.networks.generator import LayoutAwareInstanceNorm2d
 
 
 def n_params(m):

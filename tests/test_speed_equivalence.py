@@ -27,11 +27,11 @@ import copy
 import pytest
 import torch
 
+from bundle.acceleration import winograd as winograd_layers
+from bundle.acceleration.winograd import use_winograd_convolutions
 from bundle.engines import SAGANTrainer
 from bundle.engines.trainer import pad_to_bucket
 from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
-from bundle.networks import winograd as winograd_layers
-from bundle.networks.winograd import use_winograd_convolutions
 
 B, N_ITER = 3, 4  # iterations 1..4: critic steps at every one, generator steps at 2 and 4
 LR = 0.05

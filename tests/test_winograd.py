@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from bundle.acceleration.winograd import WinogradConv2d, use_winograd_convolutions
 from bundle.networks import SAGANGenerator
-from bundle.networks.winograd import WinogradConv2d, use_winograd_convolutions
 
 
 def conv_pair(cin: int, cout: int, bias: bool, dtype: torch.dtype, channels_last: bool):
