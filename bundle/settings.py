@@ -24,6 +24,7 @@ The settings hold:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 from monai.utils import instantiate
 from torch import nn
+
+from . import networks
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -80,11 +83,36 @@ class CheckpointMismatchError(ValueError):
 
 
 def network_def_of(network: nn.Module) -> dict[str, Any]:
-    """``{"_target_": "bundle.networks.<class>", **network.hparams}``: the config that rebuilds ``network``."""
+    """``{"_target_": "bundle.networks.<class>", **network.hparams}``: the config that rebuilds ``network``.
+
+    Checks the generator contract (docs/design.md, "Adding a generator") where a model file is written: ``hparams``
+    must be a dict of JSON values (the settings are stored in the model file and written into an exported
+    ``inference.json``), and the class should be ``bundle.networks.<class>``, the only place
+    :func:`generator_from_settings` builds from; a class defined elsewhere gets a warning (the weights are saved, but
+    evaluation, inference, the export and MONAI Label cannot rebuild the generator).
+
+    Raises:
+        TypeError: ``network`` has no ``hparams``, or they are not a dict of JSON values.
+    """
+    name = type(network).__name__
     hparams = getattr(network, "hparams", None)
     if hparams is None:
-        raise TypeError(f"{type(network).__name__} has no 'hparams': it cannot record its settings.")
-    return {"_target_": f"bundle.networks.{type(network).__name__}", **hparams}
+        raise TypeError(f"{name} has no 'hparams': it cannot record its settings.")
+    try:
+        json.dumps(dict(hparams), allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}.hparams must be a dict of JSON values (the constructor arguments): {e}.") from e
+    if getattr(networks, name, None) is not type(network) and name not in _WARNED_OUTSIDE:
+        _WARNED_OUTSIDE.add(name)
+        logger.warning(
+            f"{type(network).__module__}.{name} is not bundle.networks.{name}: the model file names "
+            f"bundle.networks.{name}, which evaluation, inference, the export and MONAI Label cannot build. Define "
+            "the generator in bundle/networks/ and export it from bundle/networks/__init__.py (docs/design.md)."
+        )
+    return {"_target_": f"bundle.networks.{name}", **hparams}
+
+
+_WARNED_OUTSIDE: set[str] = set()  # classes network_def_of has warned about (once each)
 
 
 def model_file_contents(state_dict: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> OrderedDict:
@@ -154,6 +182,11 @@ def generator_from_settings(settings: Mapping[str, Any]) -> nn.Module:
     target = network_def.pop("_target_")
     if not re.fullmatch(r"bundle\.networks\.\w+", target):  # settings come from a file: build only our networks
         raise ValueError(f"model settings name the network {target!r}; only bundle.networks classes are built.")
+    if not callable(getattr(networks, target.rsplit(".", 1)[1], None)):
+        raise ValueError(
+            f"model settings name the network {target!r}, which this bundle does not have: a generator must be "
+            "defined in bundle/networks/ and exported from bundle/networks/__init__.py (docs/design.md)."
+        )
     return instantiate(target, "default", **network_def)
 
 
