@@ -16,7 +16,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["make_dicom"]
+__all__ = ["make_dicom", "make_dicom_study"]
 
 
 def make_dicom(
@@ -57,5 +57,30 @@ def make_dicom(
             ds["PixelData"].VR = "OB"
         elif pixels is not None:
             ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def make_dicom_study(path, pixels, pixel_spacing=None, position=None, modality="CR", sop_class=None):
+    """A DICOM image as a PACS holds it (:func:`make_dicom` plus patient, study and series: what DICOM SEG and SR
+    copy and reference). ``pixel_spacing`` (row, column spacing in mm) adds PixelSpacing; ``position`` (x, y, z in
+    mm) adds a frame of reference with ImagePositionPatient and an axial ImageOrientationPatient (as CT and MR have).
+    """
+    import pydicom
+
+    kwargs = {} if sop_class is None else {"sop_class": sop_class}
+    make_dicom(path, pixels, modality=modality, **kwargs)
+    ds = pydicom.dcmread(str(path))
+    ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "20200101", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "ACC1", ""
+    ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20240102", "101500", 3, 1
+    if pixel_spacing is not None:
+        ds.PixelSpacing = [float(s) for s in pixel_spacing]
+    if position is not None:
+        ds.FrameOfReferenceUID = generate_uid()
+        ds.ImagePositionPatient = [float(p) for p in position]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.SliceThickness = 1.0
     ds.save_as(str(path), enforce_file_format=True)
     return str(path)

@@ -1,3 +1,4 @@
+from .dicom_output import SaveDicomSegSRd
 from .fpi import ForeignPatchInterpolationd, RandForeignPatchInterpolation, RandForeignPatchInterpolationd
 from .io import BadImageError, LoadGrayscaleImaged, load_grayscale
 from .mixed_meta import DecodeMixedMetad, collate_mixed_meta
