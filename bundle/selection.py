@@ -27,8 +27,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from .atomic import save_torch_atomic
 from .data import DatalistError, MedADDatalist, labelled_items, select_unlabeled
-from .handlers.checkpoint import write_atomic
 from .handlers.operating_point import OperatingPointHandler
 from .settings import model_file_contents, read_model
 
@@ -38,6 +38,7 @@ __all__ = [
     "split_holdout",
     "training_sets",
     "pseudo_items",
+    "spare_normals",
     "validation_items",
     "model_filename",
     "PseudoOperatingPoint",
@@ -160,6 +161,15 @@ def pseudo_items(sets: TrainingSets) -> list[dict]:
     ]
 
 
+def spare_normals(datalist: MedADDatalist, sets: TrainingSets) -> list[str]:
+    """Normal images of the training folder that a run with ``sets`` did not train on: the pseudo-AUC hold-out's
+    normal images and the ``train/unlabeled/0`` images not drawn into T_u (the Med-AD layout labels the unlabeled
+    pool so that T_u's anomaly ratio can be set). A threshold may be set on them besides the ``val`` normals
+    (``scripts/calibrate_threshold.py``); never on ``test``."""
+    drawn = set(sets.unlabeled) | set(sets.held_unlabeled)
+    return list(sets.held_normal) + [f for f in datalist.unlabeled_normal if f not in drawn]
+
+
 def validation_items(datalist: MedADDatalist, checkpoint_selection: str = "val_auc") -> list[dict]:
     """The labelled ``val`` items (see :func:`bundle.data.labelled_items`); empty when data.json has no ``val``
     and the checkpoint is chosen without it.
@@ -186,13 +196,13 @@ def model_filename(criterion: str, checkpoint_selection: str) -> str:
     return "model.pt" if criterion == checkpoint_selection else f"model_{criterion}.pt"
 
 
-def _save_atomic(obj: dict, path: str) -> None:
-    """``torch.save`` through :func:`~bundle.handlers.checkpoint.write_atomic`, so a kill leaves the previous file
+def _save_on_rank_zero(obj: dict, path: str) -> None:
+    """``torch.save`` through :func:`~bundle.atomic.save_torch_atomic`, so a kill leaves the previous file
     readable. Under torch.distributed only rank 0 writes (all ranks hold the same weights)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(lambda f: torch.save(obj, f), path)
+    save_torch_atomic(obj, path)
 
 
 class PseudoOperatingPoint(OperatingPointHandler):
@@ -235,7 +245,7 @@ class _ModelFileWriter:
         for record in records:
             if record is not None:
                 settings.update(record.record())
-        _save_atomic(model_file_contents(self.network.state_dict(), settings), self.path)
+        _save_on_rank_zero(model_file_contents(self.network.state_dict(), settings), self.path)
 
 
 class BestModelSaver(_ModelFileWriter):

@@ -17,6 +17,7 @@ from bundle.selection import (
     LastModelSaver,
     model_filename,
     pseudo_items,
+    spare_normals,
     split_holdout,
     training_sets,
     validation_items,
@@ -82,6 +83,18 @@ def test_training_sets_hold_out_from_t_n_and_t_u():
     # val_auc without a hold-out: today's T_n and T_u
     plain = training_sets(data, 0.5, None, 0, "random", "val_auc", 0.0, 2)
     assert plain.normal == data.normal and not plain.has_holdout and pseudo_items(plain) == []
+
+
+def test_spare_normals_are_the_normal_training_images_not_trained_on():
+    data = datalist()
+    sets = training_sets(data, 0.5, None, 0, "random", "val_auc", 0.2, 2)
+    spare = spare_normals(data, sets)
+    trained = set(sets.normal) | set(sets.unlabeled)
+    assert not set(spare) & trained and not set(spare) & set(sets.held_unlabeled)
+    drawn_normals = [f for f in sets.unlabeled + sets.held_unlabeled if f in data.unlabeled_normal]
+    assert len(drawn_normals) == 10  # T_u = 20 at ratio 0.5, drawn before the hold-out
+    assert spare == sets.held_normal + [f for f in data.unlabeled_normal if f not in drawn_normals]
+    assert len(spare) == 4 + 10
 
 
 def test_selection_errors_are_clear():
@@ -319,3 +332,43 @@ def test_training_without_val_selects_by_pseudo_auc(tiny_dataset, tmp_path):
     settings = read_model(str(models / "model.pt"))[1]
     assert settings["selected_by"] == "val_pseudo_auc" and 0 < settings["threshold"] < 1
     assert settings["threshold_source"] == "held-out normal training images"
+
+
+def test_calibration_pools_the_stored_and_the_spare_normal_scores(three_models, tiny_dataset, tmp_path, monkeypatch):
+    """``scripts/calibrate_threshold.py``: the new threshold is the 0.95 quantile of the stored val normal scores and
+    the spare normals' scores together; weights, pixel threshold and in-domain check are kept."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate", os.path.join(ROOT, "scripts", "calibrate_threshold.py"))
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    out, _ = three_models
+    model = str(out / "models" / "model.pt")
+    state, settings = read_model(model)
+    scored = []
+
+    def fake_scores(model_path, files):  # distinct known scores, larger than every stored one
+        scored.extend(files)
+        return np.max(settings["normal_scores"]) + 1.0 + np.arange(len(files), dtype=float)
+
+    monkeypatch.setattr(calibrate, "anomaly_scores", fake_scores)
+    target = str(tmp_path / "calibrated.pt")
+    args = ["--model", model, "--out", target, "--dataset_dir", tiny_dataset, "--pseudo_holdout", "0.2"]
+    args += ["--pseudo_holdout_min", "2"]
+    calibrate.main(args + ["--seed", "0"])
+    new_state, new = read_model(target)
+    assert len(scored) == 2 + 3  # the 2 held-out normals and the 3 unlabeled normals not drawn into T_u
+    added = np.max(settings["normal_scores"]) + 1.0 + np.arange(5, dtype=float)
+    pooled = np.concatenate([settings["normal_scores"], added])
+    assert new["threshold_normals"] == len(pooled) == settings["threshold_normals"] + 5
+    assert new["threshold"] == float(np.quantile(pooled, 0.95, method="higher"))
+    assert new["threshold_rank"] == int(np.ceil(0.95 * (len(pooled) - 1))) + 1
+    assert new["normal_scores"] == sorted(pooled.tolist())
+    assert new["threshold_calibration"]["previous_threshold"] == settings["threshold"]
+    assert new["pixel_threshold"] == settings["pixel_threshold"] and new["domain"] == settings["domain"]
+    assert all(torch.equal(state[k], new_state[k]) for k in state)
+    # the real scores: the model's own inference on the spare images
+    monkeypatch.undo()
+    real = str(tmp_path / "real.pt")
+    calibrate.main(["--model", model, "--out", real, *args[4:]])
+    assert read_model(real)[1]["threshold_normals"] == settings["threshold_normals"] + 5

@@ -17,7 +17,7 @@ from ..conformal import stored_normal_scores
 from ..settings import network_def_of
 from ..transforms.regions import smooth_heatmap
 
-__all__ = ["OperatingPointHandler"]
+__all__ = ["OperatingPointHandler", "score_threshold", "specificity_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,22 @@ def specificity_interval(n_normals: int, rank: int, m: int, coverage: float = 0.
     cdf = np.cumsum(np.exp(log_pmf))
     low, high = (int(np.searchsorted(cdf, p - 1e-12)) for p in ((1 - coverage) / 2, (1 + coverage) / 2))
     return low / m, high / m
+
+
+def score_threshold(normal_scores: np.ndarray, specificity: float) -> dict[str, Any]:
+    """The operating threshold set on normal scores (n,): the ``specificity`` quantile (numpy's "higher" method,
+    so that ``abnormal = score > threshold`` keeps at least that share of them normal), how many scores set it
+    (``threshold_normals``), its 1-based ascending rank among them (``threshold_rank``) and the scores themselves as
+    a model stores them (``normal_scores``, :func:`~bundle.conformal.stored_normal_scores`)."""
+    normal = np.asarray(normal_scores, dtype=np.float64).reshape(-1)
+    if normal.size == 0:
+        raise ValueError("no normal scores: no operating threshold can be chosen.")
+    return {
+        "threshold": float(np.quantile(normal, specificity, method="higher")),
+        "threshold_normals": int(normal.size),
+        "threshold_rank": int(np.ceil(specificity * (normal.size - 1))) + 1,  # "higher": sorted[ceil(q (n - 1))]
+        "normal_scores": stored_normal_scores(normal),
+    }
 
 
 class OperatingPointHandler:
@@ -118,8 +134,8 @@ class OperatingPointHandler:
         normal = scores[labels == 0]
         if normal.size == 0:
             raise ValueError("the validation split has no normal images: no operating threshold can be chosen.")
-        threshold = float(np.quantile(normal, self.specificity, method="higher"))
-        rank = int(np.ceil(self.specificity * (normal.size - 1))) + 1  # numpy's "higher": sorted[ceil(q (n - 1))]
+        chosen = score_threshold(normal, self.specificity)
+        threshold = chosen["threshold"]
         pixels = smooth_heatmap(torch.stack(self._normal_maps)).flatten().numpy()
         abnormal = scores[labels == 1]
         self.operating_point = {
@@ -127,9 +143,9 @@ class OperatingPointHandler:
             "specificity": self.specificity,
             "pixel_threshold": float(np.quantile(pixels, self.pixel_quantile)),
             "pixel_quantile": self.pixel_quantile,
-            "threshold_normals": int(normal.size),
-            "threshold_rank": rank,
-            "normal_scores": stored_normal_scores(normal),
+            "threshold_normals": chosen["threshold_normals"],
+            "threshold_rank": chosen["threshold_rank"],
+            "normal_scores": chosen["normal_scores"],
             "val_specificity": float((normal <= threshold).mean()),
             "val_sensitivity": float((abnormal > threshold).mean()) if abnormal.size else float("nan"),
         }
