@@ -414,10 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_minutes", type=float, help="wall-clock budget of each training run (recorded)")
     parser.add_argument("--num_workers", type=int, help="data loader workers (recorded; GPU runs)")
     parser.add_argument("--batch_size", type=int, help="override the preset's batch size (recorded; tiny data sets)")
+    parser.add_argument(
+        "--unlabeled_size", type=int, help="|T_u| (recorded; a set whose unlabeled pool cannot give |T_n| at the ratio)"
+    )
     args = parser.parse_args(argv)
     schedule = {
         k: str(getattr(args, k))
-        for k in ("iterations", "val_interval", "max_minutes", "num_workers", "batch_size")
+        for k in ("iterations", "val_interval", "max_minutes", "num_workers", "batch_size", "unlabeled_size")
         if getattr(args, k) is not None
     }
     selection_csv = os.path.join(os.path.dirname(args.csv), "results_selection.csv")

@@ -39,6 +39,18 @@ def minutes_between(start: str, end: str) -> float:
     return (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds() / 60
 
 
+EPOCH_LENGTH = re.compile(r"Epoch: \d+/\d+, Iter: \d+/(\d+) --")
+
+
+def iterations_to_quality(text: str, quality: float) -> int | None:
+    """Training iterations until val AUC first reached ``quality`` (machine-independent, unlike the minutes)."""
+    length = EPOCH_LENGTH.search(text)
+    for _, epoch, _, auc in VAL.findall(text):
+        if length and float(auc) >= quality:
+            return int(epoch) * int(length.group(1))
+    return None
+
+
 def time_to_quality(text: str, quality: float) -> float | None:
     """Training minutes (from the trainer's start, validation included) until val AUC first reached ``quality``."""
     start = START.search(text)
@@ -94,6 +106,7 @@ def parse_log(text: str, name: str, seed: int, quality: float) -> dict:
         "stalls": [[int(a), int(b)] for a, b in STALL.findall(text)],
         "stall_remedies": len(REMEDY.findall(text)),
         "minutes_to_quality": time_to_quality(text, quality),
+        "iterations_to_quality": iterations_to_quality(text, quality),
         "train_minutes": round(minutes_between(start.group(1), finish.group(1)), 2) if start and finish else None,
     }
 
@@ -101,7 +114,7 @@ def parse_log(text: str, name: str, seed: int, quality: float) -> dict:
 def print_table(results: list[dict], names: list[str], quality: float) -> None:
     print(
         f"{'run':28s} {'seeds':>5s} {'best val AUC mean':>18s} {'sd':>6s} {'stalled':>7s} "
-        f"{'median min to ' + str(quality):>20s} {'train min':>9s}"
+        f"{'median min to ' + str(quality):>20s} {'median it. to it':>16s} {'train min':>9s}"
     )
     for name in names:
         mine = [r for r in results if r["name"] == name]
@@ -111,12 +124,15 @@ def print_table(results: list[dict], names: list[str], quality: float) -> None:
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
         mean = statistics.mean(aucs) if aucs else float("nan")
         ttq = f"{statistics.median(reached):.1f} ({len(reached)}/{len(mine)})" if reached else f"- (0/{len(mine)})"
+        steps = [r["iterations_to_quality"] for r in mine if r.get("iterations_to_quality") is not None]
+        itq = f"{statistics.median(steps):.0f}" if steps else "-"
         stalled = sum(1 for r in mine if r["stalls"])
         spent = f"{statistics.mean(minutes):9.1f}" if minutes else f"{'-':>9s}"
-        print(f"{name:28s} {len(aucs):5d} {mean:18.4f} {sd:6.4f} {stalled:7d} {ttq:>20s} {spent}")
+        print(f"{name:28s} {len(aucs):5d} {mean:18.4f} {sd:6.4f} {stalled:7d} {ttq:>20s} {itq:>16s} {spent}")
         for r in sorted(mine, key=lambda r: r["seed"]):
             print(f"    seed {r['seed']}: best val AUC {r['best_val_auc']}, stalls {r['stalls']}, remedies "
-                  f"{r['stall_remedies']}")  # fmt: skip
+                  f"{r['stall_remedies']}, val AUC >= {quality} after {r['minutes_to_quality']} min / "
+                  f"{r.get('iterations_to_quality')} it.")  # fmt: skip
 
 
 def summarise(folder: str, quality: float) -> None:
