@@ -5,3 +5,4 @@ from .model_loader import GeneratorLoader
 from .operating_point import OperatingPointHandler
 from .tensorboard_images import RestorationImageHandler
 from .time_limit import TrainingTimeLimit
+from .volume_aggregator import VolumeAggregator

@@ -1,20 +1,35 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Reading any supported 2D image (PNG/JPEG/BMP, DICOM, NIfTI) into one grey channel in [0, 1]."""
+"""Reading any supported 2D image (PNG/JPEG/BMP, DICOM, NIfTI), or one slice of a 3D volume, into one grey channel
+in [0, 1]."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
 from collections.abc import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, PILReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform
 from PIL import Image
 
-__all__ = ["BadImageError", "LoadGrayscaleImaged", "load_grayscale", "make_loader", "header_size", "printable_name"]
+__all__ = [
+    "BadImageError",
+    "LoadGrayscaleImaged",
+    "SLICE_AXIS_KEY",
+    "SLICE_INDEX_KEY",
+    "header_size",
+    "load_grayscale",
+    "load_grayscale_slice",
+    "make_loader",
+    "printable_name",
+    "read_volume",
+    "volume_slice",
+]
 
 # Above this many pixels in its 2D plane an image is refused before its pixels are decoded: 50 M pixels are 200 MB
 # as float32 (7071 x 7071; radiographs and mammograms have at most about 30 M). The model sees 64 x 64. A volume
@@ -26,6 +41,12 @@ MIN_SIDE = 8
 # ITU-R 601-2 luma, the weights of PIL's convert("L") used by the authors' pipeline
 _LUMA = (0.299, 0.587, 0.114)
 _PHOTOMETRIC_TAG = "00280004"
+
+# A data item asking for one slice of a volume carries these keys (bundle.volumes.expand_volumes); the loaded image's
+# metadata then carries them too, as (1,) int64 arrays (arrays, so that collate_mixed_meta keeps them in a batch
+# beside 2D images that lack them), and marks the image as a slice of the volume named by its filename_or_obj.
+SLICE_INDEX_KEY = "slice_index"
+SLICE_AXIS_KEY = "slice_axis"
 
 
 def printable_name(name: str) -> str:
@@ -106,21 +127,9 @@ def make_loader() -> LoadImage:
     )
 
 
-def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadImage | None = None) -> MetaTensor:
-    """Read one image as a (1, S0, S1) float32 MetaTensor in [0, 1] (MONAI's spatial order, affine kept).
-
-    8-bit images are divided by 255 (as PIL + ToTensor do); anything else (12/16-bit DICOM after
-    rescale slope/intercept, float NIfTI) is min-max scaled (a constant image becomes zeros). DICOM MONOCHROME1
-    is inverted so that bright means dense. Colour images become grey with the ITU-R 601-2 luma weights.
-    A 3D volume is refused unless ``slice_index`` picks a slice along its last axis.
-
-    Images with more than ``MAX_PIXELS`` pixels (by their header, before decoding) or fewer than ``MIN_SIDE`` pixels
-    on a side are refused.
-
-    Raises:
-        BadImageError: missing file, not a regular file, unreadable or corrupt file, too large or too small, not 2D,
-            unsupported channel count, NaN/inf values.
-    """
+def _read_checked(filename: str, loader: LoadImage | None) -> MetaTensor:
+    """The file as MONAI reads it, (C, *spatial), after the checks that need no pixels (exists, regular file, size by
+    its header). Raises BadImageError."""
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
         if not os.path.lexists(filename):
@@ -137,24 +146,13 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
             f"image and {8 * MAX_PIXELS:,} per volume (bundle.transforms.io.MAX_PIXELS); downscale it first",
         )
     try:
-        img = (loader or make_loader())(filename)
+        return (loader or make_loader())(filename)
     except Exception as e:  # every reader raises its own error type; the user needs the file and the reason
         raise BadImageError(filename, f"cannot read image ({_reason(e)})") from e
-    spatial = tuple(img.shape[1:])
-    if len(spatial) == 3:
-        if spatial[-1] == 1:
-            img = img[..., 0]
-        elif slice_index is not None:
-            if not -spatial[-1] <= slice_index < spatial[-1]:
-                raise BadImageError(filename, f"slice_index {slice_index} outside a volume of {spatial[-1]} slices")
-            img = img[..., slice_index]
-        else:
-            raise BadImageError(
-                filename,
-                f"is a 3D volume of shape {spatial}; SAGAN works on 2D images: set slice_index to use one slice",
-            )
-    elif len(spatial) != 2:
-        raise BadImageError(filename, f"has {len(spatial)} spatial dimensions {spatial}; a 2D image is needed")
+
+
+def _to_grey(img: MetaTensor, filename: str) -> MetaTensor:
+    """A (C, S0, S1) image as (1, S0, S1) float32 in [0, 1] (see :func:`load_grayscale`). Raises BadImageError."""
     if min(img.shape[1:]) < MIN_SIDE:
         raise BadImageError(
             filename, f"is {' x '.join(map(str, img.shape[1:]))} pixels, too small (at least {MIN_SIDE} on each side)"
@@ -181,8 +179,120 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
     return img
 
 
+def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadImage | None = None) -> MetaTensor:
+    """Read one image as a (1, S0, S1) float32 MetaTensor in [0, 1] (MONAI's spatial order, affine kept).
+
+    8-bit images are divided by 255 (as PIL + ToTensor do); anything else (12/16-bit DICOM after
+    rescale slope/intercept, float NIfTI) is min-max scaled (a constant image becomes zeros). DICOM MONOCHROME1
+    is inverted so that bright means dense. Colour images become grey with the ITU-R 601-2 luma weights.
+    A 3D volume is refused unless ``slice_index`` picks a slice along its last axis.
+
+    Images with more than ``MAX_PIXELS`` pixels (by their header, before decoding) or fewer than ``MIN_SIDE`` pixels
+    on a side are refused.
+
+    Raises:
+        BadImageError: missing file, not a regular file, unreadable or corrupt file, too large or too small, not 2D,
+            unsupported channel count, NaN/inf values.
+    """
+    filename = os.fspath(filename)
+    img = _read_checked(filename, loader)
+    spatial = tuple(img.shape[1:])
+    if len(spatial) == 3:
+        if spatial[-1] == 1:
+            img = img[..., 0]
+        elif slice_index is not None:
+            if not -spatial[-1] <= slice_index < spatial[-1]:
+                raise BadImageError(filename, f"slice_index {slice_index} outside a volume of {spatial[-1]} slices")
+            img = img[..., slice_index]
+        else:
+            raise BadImageError(
+                filename,
+                f"is a 3D volume of shape {spatial}; SAGAN works on 2D images: set slice_index to use one slice",
+            )
+    elif len(spatial) != 2:
+        raise BadImageError(filename, f"has {len(spatial)} spatial dimensions {spatial}; a 2D image is needed")
+    return _to_grey(img, filename)
+
+
+# the last volume read_volume decoded, by (real path, modification time, size): the slices of a volume are loaded
+# one after the other, and a volume decoded once per slice would cost its whole size per slice
+_last_volume: tuple[tuple[str, int, int], MetaTensor] | None = None
+
+
+def read_volume(filename: str, loader: LoadImage | None = None) -> MetaTensor:
+    """A file as MONAI reads it, (C, *spatial) with its metadata, decoded once for consecutive calls on the same
+    (unchanged) file: this process keeps the last file read. The result is shared: do not change it in place.
+
+    Raises:
+        BadImageError: as :func:`load_grayscale` for a file that cannot be read."""
+    global _last_volume
+    filename = os.fspath(filename)
+    try:
+        stat = os.stat(filename)
+        key = (os.path.realpath(filename), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None  # _read_checked names the problem
+    if key is None or _last_volume is None or _last_volume[0] != key:
+        volume = _read_checked(filename, loader)
+        if key is None:
+            return volume
+        _last_volume = (key, volume)
+    return _last_volume[1]
+
+
+def load_grayscale_slice(
+    filename: str, slice_index: int, slice_axis: int = -1, loader: LoadImage | None = None
+) -> MetaTensor:
+    """Slice ``slice_index`` along spatial axis ``slice_axis`` (0, 1, 2 or -3..-1) of a 3D volume as a (1, A, B)
+    float32 MetaTensor in [0, 1], (A, B) the volume's other two spatial axes in their order, grey and scaled as by
+    :func:`load_grayscale` (min-max over the slice: along the last axis, the same image as ``load_grayscale(filename,
+    slice_index)``). Its metadata is the volume's (``spatial_shape`` the volume's, ``original_affine`` its file's)
+    plus :data:`SLICE_INDEX_KEY` and :data:`SLICE_AXIS_KEY` ((1,) int64 arrays, non-negative). The volume is decoded
+    once for consecutive slices of one file (:func:`read_volume`).
+
+    Raises:
+        BadImageError: as :func:`load_grayscale`; not a 3D volume; ``slice_axis`` or ``slice_index`` out of range.
+    """
+    filename = os.fspath(filename)
+    volume = read_volume(filename, loader)
+    spatial = tuple(volume.shape[1:])
+    if len(spatial) != 3:
+        raise BadImageError(filename, f"has spatial shape {spatial}; a slice can only be taken of a 3D volume")
+    if not -3 <= slice_axis < 3:
+        raise BadImageError(filename, f"slice_axis {slice_axis} is not an axis of a 3D volume (0, 1, 2 or -3..-1)")
+    axis = slice_axis % 3
+    if not -spatial[axis] <= slice_index < spatial[axis]:
+        raise BadImageError(
+            filename, f"slice_index {slice_index} outside a volume of {spatial[axis]} slices along axis {axis}"
+        )
+    index = slice_index % spatial[axis]
+    img = volume[(slice(None),) * (1 + axis) + (index,)]
+    img.meta = copy.deepcopy(volume.meta)  # the slices of the cached volume must not share (mutable) metadata
+    img.meta[SLICE_INDEX_KEY] = np.array([index], np.int64)
+    img.meta[SLICE_AXIS_KEY] = np.array([axis], np.int64)
+    return _to_grey(img, filename)
+
+
+def volume_slice(meta: Mapping | None) -> tuple[int, int] | None:
+    """``(slice_axis, slice_index)`` of an image loaded as one slice of a volume by :func:`load_grayscale_slice`
+    (from its metadata, after :class:`~bundle.transforms.DecodeMixedMetad` where it went through a mixed batch), or
+    None for any other image (2D images, and the model's own ``slice_index``)."""
+    if not meta or SLICE_INDEX_KEY not in meta or SLICE_AXIS_KEY not in meta:
+        return None
+    index, axis = meta[SLICE_INDEX_KEY], meta[SLICE_AXIS_KEY]
+    if isinstance(index, str) or isinstance(axis, str):
+        raise ValueError("volume_slice: the metadata is still encoded; apply DecodeMixedMetad first.")
+    return int(np.asarray(axis).reshape(-1)[0]), int(np.asarray(index).reshape(-1)[0])
+
+
 class LoadGrayscaleImaged(MapTransform):
-    """Dictionary wrapper of :func:`load_grayscale`: replaces each file name by a (1, S0, S1) image in [0, 1]."""
+    """Dictionary wrapper of :func:`load_grayscale`: replaces each file name by a (1, S0, S1) image in [0, 1].
+
+    An item that carries :data:`SLICE_INDEX_KEY` (and optionally :data:`SLICE_AXIS_KEY`, default -1: the last axis),
+    as :func:`bundle.volumes.expand_volumes` makes them, gets that slice of its volume instead
+    (:func:`load_grayscale_slice`, whose image metadata records the slice); the two keys are taken out of the item
+    (a batch may hold items without them). Other items are read with ``slice_index``, the model's slice of 3D inputs.
+    """
 
     def __init__(self, keys: KeysCollection, slice_index: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -191,6 +301,11 @@ class LoadGrayscaleImaged(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
+        item_slice = d.pop(SLICE_INDEX_KEY, None)
+        item_axis = d.pop(SLICE_AXIS_KEY, -1)
         for key in self.key_iterator(d):
-            d[key] = load_grayscale(d[key], self.slice_index, self.loader)
+            if item_slice is None:
+                d[key] = load_grayscale(d[key], self.slice_index, self.loader)
+            else:
+                d[key] = load_grayscale_slice(d[key], int(item_slice), int(item_axis), self.loader)
         return d
