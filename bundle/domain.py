@@ -45,6 +45,8 @@ import torch
 from monai.transforms import Transform
 from torch import nn
 
+from .transforms.io import volume_slice
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -343,8 +345,8 @@ class DomainCheckd(Transform):
         inside = bool(self.descriptor.in_domain(features)[0])
         d["in_domain"] = torch.tensor([float(inside)])
         d["domain_distance"] = distance.float().reshape(1)
-        if not inside and self.log:
-            meta = getattr(d[self.image_key], "meta", {}) or {}
+        meta = getattr(d[self.image_key], "meta", {}) or {}
+        if not inside and self.log and volume_slice(meta) is None:  # a volume's slices: one line per volume instead
             name = meta.get("filename_or_obj", "an image")
             logger.warning(
                 f"{name}: {OUT_OF_DOMAIN_MESSAGE} (domain distance {float(distance[0]):.1f} > "

@@ -200,6 +200,12 @@ class VolumeAggregator:
             f"{volume.filename}: {row['slices_scored']} of {row['slices']} slices along axis {volume.slice_axis} "
             f"scored; volume score {row['volume_score']:.6g} (the maximum) at slice {row['top_slice']}{decision}."
         )
+        if row["in_domain_slices"] != "" and row["in_domain_slices"] < row["slices_scored"]:
+            outside = row["slices_scored"] - row["in_domain_slices"]
+            logger.warning(
+                f"{volume.filename}: {outside} of {row['slices_scored']} scored slices are outside the training "
+                "domain: their scores are not calibrated."
+            )
 
     def _volume_maps(self, volume: _Volume) -> tuple[np.ndarray, np.ndarray]:
         """(S0, S1, S2) float32 heat map and uint8 label map of the volume."""
