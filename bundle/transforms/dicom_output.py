@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from ..atomic import write_atomic
 from .regions import MIN_REGION_SIZE, find_regions, region_mask
 
 if TYPE_CHECKING:  # highdicom is needed only when DICOM is written
@@ -361,10 +362,11 @@ class SaveDicomSegSRd(MapTransform):
                 self.min_size,
             )
             try:
-                build_segmentation(source, mask if frames > 1 else mask[0], result).save_as(seg_path)
+                seg = build_segmentation(source, mask if frames > 1 else mask[0], result)
+                write_atomic(seg_path, seg.save_as)
             except Exception as e:  # highdicom refuses headers that lack what a SEG must copy
                 logger.warning(f"{filename}: cannot write a DICOM SEG ({type(e).__name__}: {e}).")
         try:
-            build_structured_report(source, result).save_as(sr_path)
+            write_atomic(sr_path, build_structured_report(source, result).save_as)
         except Exception as e:
             logger.warning(f"{filename}: cannot write a DICOM SR ({type(e).__name__}: {e}).")
