@@ -12,9 +12,9 @@ import pytest
 import torch
 from ignite.engine import Events
 
+from bundle.acceleration.patch_sharing import touched_patch_plan
 from bundle.engines import SAGANTrainer
 from bundle.engines.cuda_graphs import prepare_optimizer_for_capture
-from bundle.engines.trainer import touched_patch_plan
 from bundle.losses import SAGANCriticLoss
 from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
 from bundle.transforms import RandForeignPatchInterpolation

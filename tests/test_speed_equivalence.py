@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from bundle.acceleration import winograd as winograd_layers
+from bundle.acceleration.patch_sharing import pad_to_bucket
 from bundle.acceleration.winograd import use_winograd_convolutions
 from bundle.engines import SAGANTrainer
-from bundle.engines.trainer import pad_to_bucket
 from bundle.networks import SAGANCritic, SAGANGenerator, split_patches
 
 B, N_ITER = 3, 4  # iterations 1..4: critic steps at every one, generator steps at 2 and 4

@@ -15,10 +15,11 @@ from monai.utils import AdversarialIterationEvents, set_determinism
 from torch import nn
 from torch.optim import Optimizer
 
+from ..acceleration.patch_sharing import patch_forward, shared_patch_generator_pass, touched_patch_plan
 from ..checks import require_autocast_dtype, require_bool
 from ..environment import cpu_has_native_bf16
 from ..losses import SAGANCriticLoss, SAGANGeneratorLoss
-from ..networks.generator import split_patches, stitch_patches
+from ..networks.generator import split_patches
 from .cuda_graphs import CUDAGraphIterations, check_cuda_graphs, release_optimizer_from_capture
 from .resumable import ResumablePassSampler, random_states, set_random_states
 
@@ -59,44 +60,6 @@ def check_loader_has_batches(loader: Iterable) -> None:
         f"unlabeled training sets) and batch_size {loader.batch_size} with drop_last, so no full batch can be formed. "
         f"Use a batch_size of at most {pairs} (e.g. --batch_size {pairs}) or add training images."
     )
-
-
-def patch_forward(g_network: nn.Module) -> tuple[Callable | None, int]:
-    """How to run ``g_network`` on patches with their position indices, and its patches per side N.
-
-    A generator with ``forward_patches`` and ``patches_per_side`` (:class:`~bundle.networks.SAGANGenerator`) gives
-    its ``forward_patches``; wrapped in DistributedDataParallel, the wrapper itself (its ``forward(p, positions)``
-    reaches ``forward_patches``, and only a call through the wrapper synchronises the gradients). Other generators:
-    ``(None, 1)``."""
-    module = g_network.module if isinstance(g_network, nn.parallel.DistributedDataParallel) else g_network
-    if not all(hasattr(module, a) for a in ("forward_patches", "patches_per_side")):
-        return None, 1
-    return (g_network if module is not g_network else g_network.forward_patches), module.patches_per_side
-
-
-def pad_to_bucket(indices: torch.Tensor, bucket: int) -> torch.Tensor:
-    """``indices`` (T,) followed by copies of its first entry up to the next multiple of ``bucket`` (T > 0), so that
-    a compiled function sees a few fixed lengths instead of every T; the caller drops the extra results."""
-    pad = -len(indices) % bucket
-    return torch.cat([indices, indices[:1].expand(pad)]) if pad and len(indices) else indices
-
-
-def touched_patch_plan(
-    p_n: torch.Tensor, p_p: torch.Tensor, bucket: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which FPI(x_n) patches the generator must compute (``share_clean_patches``) and where their results go.
-
-    ``p_n``, ``p_p``: (P, C, h, w) patches of x_n and FPI(x_n). Returns ``(computed, dest)``, both (T,) indices
-    into the P patches: ``computed`` are the patches the pasted patch reaches, ``dest`` where each result is
-    written. With ``bucket`` the count is padded up to a multiple of ``bucket`` (copies of the first touched patch,
-    written to the spare row P, which the caller drops): a few fixed shapes for compiled code and CUDA graphs.
-    Finding the touched patches waits for the device (``nonzero``)."""
-    touched = (p_p != p_n).flatten(1).any(1).nonzero().squeeze(1)
-    if bucket is None:
-        return touched, touched
-    computed = pad_to_bucket(touched, bucket)
-    spare = torch.full((len(computed) - len(touched),), len(p_n), dtype=touched.dtype, device=touched.device)
-    return computed, torch.cat([touched, spare])
 
 
 def epochs_for(iterations: int, val_interval: int) -> int:
@@ -398,20 +361,7 @@ class SAGANTrainer(Trainer):
             fake = restored[:b] if has_unlabeled else restored[b:]
             g_n, g_p = (restored[b : 2 * b], restored[2 * b :]) if has_unlabeled else (restored[:b], restored[b:])
             return fake, g_n, g_p
-        n = self._patches_per_side
-        k = n * n
-        computed, dest = plan
-        p_n, p_p = split_patches(x_n, n), split_patches(x_p, n)
-        every = torch.arange(b * k, device=x_n.device) % k
-        parts, positions = [p_n, p_p[computed]], [every, computed % k]
-        if has_unlabeled:
-            parts, positions = [split_patches(x_u, n)] + parts, [every] + positions
-        out = self._g_patches(torch.cat(parts), torch.cat(positions))
-        r_u, r_n, r_touched = out.split([b * k if has_unlabeled else 0, b * k, len(computed)])
-        # padding results land in the spare last row (see touched_patch_plan), which is dropped
-        r_p = torch.cat([r_n, r_n[:1]]).index_copy(0, dest, r_touched)[: b * k]
-        g_n, g_p = stitch_patches(r_n, n), stitch_patches(r_p, n)
-        return (stitch_patches(r_u, n) if has_unlabeled else g_p), g_n, g_p
+        return shared_patch_generator_pass(self._g_patches, self._patches_per_side, x_n, x_u, x_p, plan)
 
     def _iteration(self, engine: SAGANTrainer, batchdata: dict) -> dict[str, torch.Tensor]:
         if batchdata is None:
