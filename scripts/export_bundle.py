@@ -301,12 +301,12 @@ def export(
                     rel = os.path.relpath(path, work)
                     url = f"{url_base.rstrip('/')}/{rel}"
                     large.append({"path": rel, "url": url, "hash_type": "sha256", "hash_val": sha256(path)})
-        write_zoo_unit_test(work, name)  # ci_unit_test/test_<name>.py: the zoo's ci/unit_tests file
         with open(os.path.join(work, "large_files.yml"), "w") as f:
             yaml.safe_dump({"large_files": large}, f, sort_keys=False)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(work, final)
+        write_zoo_unit_test(final, name)  # <output_dir>/ci/unit_tests/test_<name>.py, outside the bundle
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -2,7 +2,8 @@
 """Helpers of the model-zoo premerge rehearsal (scripts/zoo_premerge.sh).
 
 - :func:`write_zoo_unit_test` writes the zoo's unit test of the bundle (``ci/unit_tests/test_<name>.py`` in the zoo,
-  ``<bundle folder>/ci_unit_test/test_<name>.py`` in an export) from scripts/zoo_unit_test_template.py;
+  ``<export folder>/ci/unit_tests/test_<name>.py`` beside the exported ``<export folder>/<name>/``, as in the zoo's
+  tree, so that it is not part of the bundle) from scripts/zoo_unit_test_template.py;
 - ``python scripts/zoo_premerge.py hooks BUNDLE_FOLDER [--name NAME] [--maxkb 1024]`` runs the zoo's pre-commit
   hooks (.pre-commit-config.yaml, pre-commit-hooks v4.6.0: check-added-large-files --maxkb=1024,
   pretty-format-json --no-sort-keys --indent=4, end-of-file-fixer, trailing-whitespace, ...) through their Python
@@ -25,7 +26,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE = os.path.join(HERE, "zoo_unit_test_template.py")
 TEMPLATE_NAME = "sagan_xray_anomaly"
-UNIT_TEST_DIR = "ci_unit_test"  # inside the exported folder; the zoo wants it at ci/unit_tests/test_<name>.py
+UNIT_TEST_DIR = os.path.join("ci", "unit_tests")  # beside the bundle folder, as in the zoo (models/<name>, ci/unit_tests)
 
 # the zoo's .pre-commit-config.yaml (pre-commit-hooks rev v4.6.0): hook id -> (module, args, file filter)
 # filters: "all" every staged file, "text" text files, "json"/"yaml"/"python" by extension, "exec" executable text
@@ -57,11 +58,12 @@ def zoo_unit_test_source(name: str) -> str:
 
 
 def write_zoo_unit_test(bundle_folder: str, name: str) -> str:
-    """Writes ``<bundle_folder>/ci_unit_test/test_<name>.py``, the zoo's unit test of the bundle, and returns its
-    path. In the zoo it belongs at ``ci/unit_tests/test_<name>.py`` (scripts/zoo_premerge.sh copies it there), where
+    """Writes ``<folder above bundle_folder>/ci/unit_tests/test_<name>.py``, the zoo's unit test of the bundle, and
+    returns its path: the export folder mirrors the zoo's tree (``<name>/`` is ``models/<name>/``), so the test is
+    not inside the bundle (nor its zip). scripts/zoo_premerge.sh copies it to the zoo's ``ci/unit_tests/``, where
     ``python ci/unit_tests/runner.py --b <name>`` runs it; elsewhere ``python -m unittest`` runs it (not pytest,
     which would take the zoo's ``test_order`` helper for a test)."""
-    folder = os.path.join(bundle_folder, UNIT_TEST_DIR)
+    folder = os.path.join(os.path.dirname(os.path.abspath(bundle_folder)), UNIT_TEST_DIR)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"test_{name}.py")
     with open(path, "w") as f:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="bundle name (default: the folder's name)")
     parser.add_argument("--maxkb", type=int, default=1024, help="check-added-large-files --maxkb (the zoo's: 1024)")
     parser.add_argument("--gitignore", help="hooks: the zoo's .gitignore, to check that it drops none of the files")
-    parser.add_argument("--to", help="unit_test: write the test to this path instead of <folder>/ci_unit_test/")
+    parser.add_argument("--to", help="unit_test: write the test to this path instead of <folder>/../ci/unit_tests/")
     args = parser.parse_args(argv)
     name = args.name or os.path.basename(os.path.normpath(args.bundle_folder))
     if args.command == "unit_test":

@@ -10,7 +10,7 @@
 # (default models/model.pt, with $EXPORT_ARGS, e.g. "--metrics eval/metrics.json"), or, when that file does not
 # exist, a tiny model trained for 4 iterations on a small generated demo set (a rehearsal of the checks, not a
 # model to submit). The folder is copied to ZOO_CHECKOUT/models/<name> (replacing it) and its unit test
-# (<folder>/ci_unit_test/test_<name>.py, written if absent) to ZOO_CHECKOUT/ci/unit_tests/test_<name>.py; then
+# (<folder>/../ci/unit_tests/test_<name>.py, written if absent) to ZOO_CHECKOUT/ci/unit_tests/test_<name>.py; then
 # each step runs and prints PASS / FAIL (its output's tail on failure; full logs in $LOG_DIR). Exit status 1 when
 # any step failed.
 #
@@ -132,12 +132,13 @@ if [[ "$FOLDER" != "$DEST" ]]; then
     cp -r "$FOLDER" "$DEST"
 fi
 find "$DEST" -name __pycache__ -type d -prune -exec rm -rf {} +
-if [[ -f "$FOLDER/ci_unit_test/test_$NAME.py" ]]; then
-    cp "$FOLDER/ci_unit_test/test_$NAME.py" "$UNIT_TEST"
-    echo "unit test: $FOLDER/ci_unit_test/test_$NAME.py -> $UNIT_TEST"
+EXPORTED_TEST="$(dirname "$FOLDER")/ci/unit_tests/test_$NAME.py"
+if [[ -f "$EXPORTED_TEST" ]]; then
+    cp "$EXPORTED_TEST" "$UNIT_TEST"
+    echo "unit test: $EXPORTED_TEST -> $UNIT_TEST"
 else
     "$PYTHON" "$REPO/scripts/zoo_premerge.py" unit_test "$FOLDER" --name "$NAME" --to "$UNIT_TEST" >/dev/null
-    echo "unit test: not in the export (no ci_unit_test/test_$NAME.py): written from the template to $UNIT_TEST"
+    echo "unit test: not in the export (no $EXPORTED_TEST): written from the template to $UNIT_TEST"
 fi
 cd "$ZOO" || exit 2
 export ALLOW_MONAI_RC=true  # as both premerge scripts

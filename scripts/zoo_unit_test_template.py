@@ -8,8 +8,8 @@ the bundle is ``models/sagan_xray_anomaly``; CPU or GPU. A tiny Med-AD data set 
 (train.json + evaluate.json) and the shipped model scores the images (inference.json), each through
 ``ConfigWorkflow`` with ``check_properties``.
 
-Outside the zoo, set ``BUNDLE_ROOT`` to the bundle folder, or run this file from the bundle folder's
-``ci_unit_test/`` (where scripts/export_bundle.py writes it).
+Outside the zoo, set ``BUNDLE_ROOT`` to the bundle folder, or run this file where scripts/export_bundle.py writes
+it: ``<output_dir>/ci/unit_tests/``, beside the bundle folder ``<output_dir>/sagan_xray_anomaly/`` (the zoo's tree).
 """
 
 import csv
@@ -39,10 +39,11 @@ TINY_TRAIN = {
 
 
 def find_bundle_root():
-    """``$BUNDLE_ROOT``, else ``models/<NAME>`` under the working directory (the zoo's root), else the folder
-    above this file (``<bundle>/ci_unit_test/``)."""
+    """``$BUNDLE_ROOT``, else ``models/<NAME>`` under the working directory (the zoo's root), else ``models/<NAME>``
+    two folders above this file (the zoo's ``ci/unit_tests/``), else ``<NAME>`` two folders above it (an export)."""
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     candidates = [os.environ.get("BUNDLE_ROOT", ""), os.path.join("models", NAME)]
-    candidates.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates += [os.path.join(top, "models", NAME), os.path.join(top, NAME)]
     for path in candidates:
         if path and os.path.isfile(os.path.join(path, "configs", "metadata.json")):
             return os.path.abspath(path)

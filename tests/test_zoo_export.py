@@ -94,6 +94,9 @@ def test_layout_and_large_files(exported):
     assert "../shared" not in (folder / "docs" / "data_license.txt").read_text()
     names = zipfile.ZipFile(work / "dist" / f"{NAME}.zip").namelist()
     assert f"{NAME}/models/model.pt" in names and f"{NAME}/configs/metadata.json" in names
+    # the zoo's unit test sits beside the bundle, as in the zoo's tree, not inside the bundle or its zip
+    assert (work / "dist" / "ci" / "unit_tests" / f"test_{NAME}.py").is_file()
+    assert not any("unit_test" in n for n in names) and not any("unit_test" in str(p) for p in folder.rglob("*"))
 
 
 def test_large_files_are_listed_with_hash_and_left_out_of_the_zip(exported, tmp_path, monkeypatch):

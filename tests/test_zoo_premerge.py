@@ -95,7 +95,7 @@ def unit_test_file(exported):
     """The zoo unit test in the export (export_bundle.py writes it), else written here by write_zoo_unit_test."""
     from zoo_premerge import UNIT_TEST_DIR, write_zoo_unit_test
 
-    path = exported / UNIT_TEST_DIR / f"test_{NAME}.py"
+    path = exported.parent / UNIT_TEST_DIR / f"test_{NAME}.py"
     if not path.is_file():
         assert write_zoo_unit_test(str(exported), NAME) == str(path)
     return path
@@ -104,8 +104,8 @@ def unit_test_file(exported):
 def test_write_zoo_unit_test_names_the_bundle(tmp_path):
     from zoo_premerge import write_zoo_unit_test
 
-    path = write_zoo_unit_test(str(tmp_path), "other_bundle_x")
-    assert path == str(tmp_path / "ci_unit_test" / "test_other_bundle_x.py")
+    path = write_zoo_unit_test(str(tmp_path / "other_bundle_x"), "other_bundle_x")
+    assert path == str(tmp_path / "ci" / "unit_tests" / "test_other_bundle_x.py")
     text = open(path).read()
     assert "sagan_xray_anomaly" not in text and "SaganXrayAnomaly" not in text
     assert 'NAME = "other_bundle_x"' in text and "class TestOtherBundleX(unittest.TestCase)" in text
@@ -115,7 +115,7 @@ def test_write_zoo_unit_test_names_the_bundle(tmp_path):
 
 def test_zoo_unit_test_runs_on_the_export(exported, unit_test_file, tmp_path):
     """The unit test, as the zoo's ci/unit_tests/runner.py loads it (unittest, train -> eval -> infer), from another
-    working directory; it finds the bundle as the folder above ci_unit_test/."""
+    working directory; it finds the bundle beside ci/ (the export's tree)."""
     env = {k: v for k, v in os.environ.items() if k not in ("BUNDLE_ROOT", "PYTHONPATH")}
     runner = (
         "import importlib, sys, unittest; sys.path.insert(0, sys.argv[1]);"
