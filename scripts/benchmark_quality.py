@@ -94,6 +94,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "recipe": (["configs/presets/fast.json"], {}),
     # the same schedule with the published critic init and no restart: the "before" arm of the recipe
     "recipe_published_init": (["configs/presets/fast.json"], {"d_init": "default", "critic_restart_on_stall": "False"}),
+    # the recipe at 128x128 (4x the pixels of the presets' 64x64; an iteration costs about 4x)
+    "recipe_128": (["configs/presets/fast.json"], {"image_size": "128"}),
     # Brainomaly's generator (the paper's baseline) on the recipe's schedule and speed switches
     "baseline_fast": (["configs/presets/brainomaly.json", "configs/presets/fast.json"], {}),
     "sagan_code_after_norm": ([], {"position_code_after_norm": "True"}),  # deviation: the code not cancelled by IN
