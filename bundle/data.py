@@ -1,5 +1,6 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Med-AD data sets: parsing ``data.json``, the three SAGAN training streams, and decode-once image caches."""
+"""Med-AD data sets: parsing ``data.json``, the three SAGAN training streams, and decode-once image caches (which
+take 3D volumes slice by slice: :class:`ImageCache`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from monai.transforms import Randomizable, apply_transform
 from monai.utils import MAX_SEED
 
-from .transforms.io import BadImageError
+from .transforms.io import SLICE_INDEX_KEY, BadImageError, LoadGrayscaleImaged, dicom_series_under
+
+if TYPE_CHECKING:
+    from .volumes import VolumeSlices
 
 __all__ = [
     "DatalistError",
@@ -224,7 +230,17 @@ def labelled_items(datalist: MedADDatalist, split: str) -> list[dict]:
 
 def list_images(path: str | Sequence[str]) -> list[dict]:
     """Inference inputs ``[{"image": file}, ...]`` from a folder (every supported image in it, sorted), a file,
-    or a list of files."""
+    or a list of files.
+
+    A DICOM series in the folder or in a folder below it (several single-frame instances of one series with position
+    and orientation, CT or MR: :func:`bundle.transforms.io.find_dicom_series`) is one item ``{"image": folder}``
+    (after the folder's other files, series in the order of their folders), which :mod:`bundle.volumes` scores
+    slice by slice as a volume; its instances are not listed as files. DICOM files of one-instance series
+    (radiographs) are listed as before.
+
+    Raises:
+        DatalistError: nothing to score, or a folder holding two or more DICOM series of several slices (named).
+    """
     if isinstance(path, (list, tuple)):
         files = [os.fspath(p) for p in path]
     elif os.path.isdir(path):
@@ -233,6 +249,14 @@ def list_images(path: str | Sequence[str]) -> list[dict]:
             for f in os.listdir(path)
             if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
         )
+        try:
+            series = dicom_series_under(path)
+        except BadImageError as e:
+            raise DatalistError(str(e)) from e
+        if series:
+            in_series = {f for s in series for f in s.files}
+            files = [f for f in files if os.path.normpath(f) not in in_series]
+            return image_items(files) + [{"image": s.folder} for s in series]
         if not files:
             raise DatalistError(f"{path}: no images with a supported suffix {IMAGE_SUFFIXES}.")
     elif os.path.isfile(path):
@@ -240,6 +264,22 @@ def list_images(path: str | Sequence[str]) -> list[dict]:
     else:
         raise DatalistError(f"{path}: no such file or folder.")
     return image_items(files)
+
+
+def _is_nifti(filename: object) -> bool:
+    return isinstance(filename, (str, os.PathLike)) and os.fspath(filename).lower().endswith((".nii", ".nii.gz"))
+
+
+def _image_loaders(transform: object) -> list[LoadGrayscaleImaged]:
+    """The :class:`LoadGrayscaleImaged` transforms inside ``transform`` (a ``Compose``, nested or not)."""
+    if isinstance(transform, LoadGrayscaleImaged):
+        return [transform]
+    return [t for inner in getattr(transform, "transforms", ()) or () for t in _image_loaders(inner)]
+
+
+class _EmptyVolumeError(BadImageError):
+    """A volume without a slice that holds foreground: left out of an :class:`ImageCache` with a warning, whatever
+    ``on_bad_image`` says (it is readable, and a long run should not stop for it)."""
 
 
 class SkippedImageError(BadImageError):
@@ -253,6 +293,18 @@ class ImageCache(torch.utils.data.Dataset):
 
     With ``cache=True`` (default) every image is decoded once at construction, in threads, and kept; ``cache=False``
     decodes at each access (for data sets too large for memory).
+
+    **Volumes**: an item whose ``image`` is a 3D NIfTI volume becomes the items of its foreground slices along
+    ``slice_axis`` (:func:`bundle.volumes.slice_items`: the rule inference uses), in the volume's place; each copies
+    the volume's keys (its ``label``), its ``filename`` (labelled sets) becomes ``<file>#slice=<k>``, and the
+    transform's :class:`~bundle.transforms.LoadGrayscaleImaged` loads that slice ((1, H, W) as for a 2D image). A
+    volume is read once: its slices are decoded right after (one volume at a time, so that only one full volume is
+    held besides the cached slices; without ``cache`` a slice read out of order decodes its volume again). A volume
+    without a foreground slice is left out with a warning and recorded in :attr:`skipped`; a 4D series is a bad
+    image. :attr:`volumes` maps each volume's file to its :class:`bundle.volumes.VolumeSlices` and
+    :attr:`slice_rows` each slice item's ``filename`` (labelled items) to ``(volume file, slice index)``; both are
+    empty without volumes, whose items are taken exactly as before. Not sliced: ``slice_axis=None``, or a transform
+    whose loader has a fixed ``slice_index`` (the model's slice of each volume).
 
     A bad image raises :class:`BadImageError` naming it. With ``on_bad_image="skip"`` a bad image is left out, never
     replaced by another one, logged, and recorded once in :attr:`skipped` (``{**item, "file", "reason"}``):
@@ -272,6 +324,9 @@ class ImageCache(torch.utils.data.Dataset):
         num_workers: threads that decode at construction (default: up to 8).
         name: what the images are, for messages.
         validate: uncached and skipping: decode every image once at construction to drop the bad ones.
+        slice_axis: the axis (0, 1, 2 or -3..-1; -1 the last) along which a 3D NIfTI volume among ``items`` is
+            taken slice by slice; None: volumes are refused by the loader (or read at the ``slice_index`` of the
+            transform's loader), as before.
     """
 
     def __init__(
@@ -283,6 +338,7 @@ class ImageCache(torch.utils.data.Dataset):
         num_workers: int | None = None,
         name: str = "images",
         validate: bool = True,
+        slice_axis: int | None = -1,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
@@ -293,7 +349,15 @@ class ImageCache(torch.utils.data.Dataset):
         self.skipped: list[dict] = []
         self._skipped_files: set[str] = set()
         self._cached: list[dict] | None = None
-        if not (cache or (validate and on_bad_image == "skip")) or not self.items:  # no items: the "0_u" setting
+        self.volumes: dict[str, VolumeSlices] = {}
+        self.slice_rows: dict[str, tuple[str, int]] = {}
+        self._volume_lock = threading.Lock()
+        slice_axis = self._volume_slice_axis(transform, slice_axis)
+        decode = cache or (validate and on_bad_image == "skip")
+        if slice_axis is not None:
+            self._init_with_volumes(slice_axis, cache, decode, num_workers)
+            return
+        if not decode or not self.items:  # no items: the "0_u" setting
             self._cached = [] if cache else None
             return
         start = time.perf_counter()
@@ -312,6 +376,122 @@ class ImageCache(torch.utils.data.Dataset):
         skipped = f", {len(self.skipped)} bad ones skipped" if self.skipped else ""
         what = "decoded" if cache else "checked"
         logger.info(f"{what} {len(self.items)} {name} in {time.perf_counter() - start:.1f} s{skipped}")
+
+    def _volume_slice_axis(self, transform: Callable, slice_axis: int | None) -> int | None:
+        """The axis to expand volumes along, or None when the items are taken as they are: no volume among them,
+        ``slice_axis`` None, or a ``transform`` that does not load slice items (no
+        :class:`~bundle.transforms.LoadGrayscaleImaged`, or one with the model's fixed ``slice_index``)."""
+        from .volumes import _is_volume_file, check_slice_axis
+
+        if slice_axis is None:
+            return None
+        axis = check_slice_axis(slice_axis)
+        if not any(_is_volume_file(item.get("image")) for item in self.items):
+            return None
+        loaders = _image_loaders(transform)
+        if not loaders:
+            logger.warning(f"{self.name}: the preprocessing has no LoadGrayscaleImaged; volumes are not sliced.")
+            return None
+        fixed = {t.slice_index for t in loaders} - {None}
+        if fixed:
+            logger.info(
+                f"{self.name}: slice {fixed.pop()} of each volume is used (slice_index): volumes are not taken slice "
+                "by slice."
+            )
+            return None
+        return axis
+
+    def _init_with_volumes(self, slice_axis: int, cache: bool, decode: bool, num_workers: int | None) -> None:
+        """Construction when some items are 3D volumes: each volume becomes the items of its foreground slices
+        (:func:`bundle.volumes.slice_items`) and, when ``decode``, they are decoded right after their volume is
+        read, so that a volume is decoded once and only one full volume is held at a time (the decoded slices are
+        kept when ``cache``). A volume without a foreground slice is left out with a warning and recorded in
+        :attr:`skipped`."""
+        from .transforms.io import make_loader
+
+        start = time.perf_counter()
+        loader = make_loader()
+        if not cache:
+            logger.warning(
+                f"{self.name}: volumes without cache_images: every slice read out of order (training) decodes its "
+                "whole volume again; set cache_images true for volume data sets that fit in memory as slices."
+            )
+        with ThreadPoolExecutor(num_workers or min(8, os.cpu_count() or 1)) as pool:
+            groups = list(pool.map(lambda item: self._load_group(item, slice_axis, loader, cache, decode), self.items))
+        kept = []
+        for item, group in zip(self.items, groups):
+            if isinstance(group, BadImageError):
+                self._skip(item, group, log=not isinstance(group, _EmptyVolumeError))  # that one is logged
+                continue
+            for sliced, result in group:
+                if isinstance(result, BadImageError):
+                    self._skip(sliced, result, log=True)
+                else:
+                    kept.append((sliced, result))
+        if not kept:
+            raise BadImageError(self.name, f"no readable image left ({len(self.skipped)} bad ones or volumes skipped)")
+        self.items = [item for item, _ in kept]
+        self._cached = [r for _, r in kept] if cache else None  # caching always decodes
+        for item in self.items:
+            if SLICE_INDEX_KEY in item and "filename" in item:  # labelled items: the rows of an evaluation
+                self.slice_rows[str(item["filename"])] = (str(item["image"]), int(item[SLICE_INDEX_KEY]))
+        n_slices = sum(len(v.slices) for v in self.volumes.values())
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        what = "decoded" if decode and cache else ("checked" if decode else "listed")
+        logger.info(
+            f"{what} {len(self.items)} {self.name} ({n_slices} foreground slices of {len(self.volumes)} volumes along "
+            f"axis {slice_axis}) in {time.perf_counter() - start:.1f} s{skipped}"
+        )
+
+    def _load_group(
+        self, item: dict, slice_axis: int, loader: Callable, keep: bool, decode: bool
+    ) -> list[tuple[dict, dict | bool | BadImageError]] | BadImageError:
+        """One listed item as ``[(item, result), ...]``: a volume's slice items (read and decoded one volume at a
+        time: :func:`bundle.transforms.io.read_volume` keeps one volume per process), or the item itself; ``result``
+        as :meth:`_try` gives it (True without ``decode``). A volume without a foreground slice, or a 4D series,
+        gives a :class:`BadImageError` (a 4D series raises it when bad images are errors)."""
+        if _is_nifti(item.get("image")):
+            with self._volume_lock:
+                group = self._load_volume(item, slice_axis, loader, keep, decode)
+            if group is not None:
+                return group
+        return [(item, self._try(item, keep=keep) if decode else True)]  # not a volume: as before, outside the lock
+
+    def _load_volume(
+        self, item: dict, slice_axis: int, loader: Callable, keep: bool, decode: bool
+    ) -> list[tuple[dict, dict | bool | BadImageError]] | BadImageError | None:
+        """:meth:`_load_group` of a NIfTI item, None when it is not a 3D volume; called under the volume lock."""
+        from .volumes import slice_items
+
+        try:
+            found = slice_items(item, slice_axis, loader)
+        except BadImageError as e:  # a 4D series
+            if self.on_bad_image == "error":
+                raise
+            return e
+        if found is None:
+            return None
+        sliced, info = found
+        if not sliced:
+            logger.warning(f"{info.filename}: {info.no_foreground_reason()}: left out of the {self.name}.")
+            return _EmptyVolumeError(info.filename, info.no_foreground_reason())
+        if item.get("mask"):
+            logger.warning(
+                f"{info.filename}: lesion masks of volumes are not read yet; its slices are scored without one."
+            )
+            sliced = [{**s, "mask": ""} for s in sliced]
+        self.volumes[info.filename] = info
+        return [(s, self._try(s, keep=keep) if decode else True) for s in sliced]
+
+    def __getstate__(self) -> dict:
+        """Pickling (DataLoader workers started by spawn): everything but the construction lock."""
+        state = dict(self.__dict__)
+        state.pop("_volume_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._volume_lock = threading.Lock()
 
     def _decode(self, item: dict) -> dict:
         try:

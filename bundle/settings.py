@@ -12,7 +12,8 @@ still read by :func:`read_model`; MONAI's loaders need ``key_in_ckpt="model"`` f
 The settings hold:
 
 - ``network_def``: ``{"_target_": "bundle.networks.SAGANGenerator", <constructor arguments>}``;
-- ``image_size`` (side of the square model input) and ``slice_index`` (slice of 3D inputs, or None);
+- ``image_size`` (side of the square model input), ``slice_index`` (slice of 3D inputs, or None) and
+  ``slice_axis`` (the axis along which volumes are taken slice by slice; absent in models before 0.11: -1);
 - ``threshold``: operating threshold on the anomaly score (``abnormal = score > threshold``), the
   ``specificity`` quantile of the scores of the normal ``val`` images;
 - ``normal_scores``: the sorted scores of those normal images (at most 2000 order statistics), from which
@@ -46,6 +47,7 @@ __all__ = [
     "CheckpointMismatchError",
     "network_def_of",
     "load_model_settings",
+    "settings_from_model",
     "generator_from_settings",
     "infer_generator_hparams",
     "describe_mismatch",
@@ -68,6 +70,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     },
     "image_size": 64,
     "slice_index": None,
+    "slice_axis": -1,
     "threshold": None,
     "specificity": None,
     "pixel_threshold": None,
@@ -148,6 +151,19 @@ def read_model(model_path: str) -> tuple[Mapping[str, torch.Tensor], dict[str, A
     return checkpoint, dict(stored) if isinstance(stored, Mapping) else None
 
 
+def settings_from_model(state: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings of a model from the file's contents as :func:`read_model` returns them (so that a caller that
+    also needs the weights reads the file once): :data:`DEFAULT_SETTINGS` updated with the recorded settings, or
+    with the architecture inferred from the weights (:func:`infer_generator_hparams`) when the file records none."""
+    settings = {**DEFAULT_SETTINGS, "network_def": dict(DEFAULT_SETTINGS["network_def"])}
+    if stored is not None:
+        settings.update(stored)
+        settings["network_def"] = dict(stored.get("network_def", settings["network_def"]))
+    elif state:
+        settings["network_def"].update(infer_generator_hparams(state))
+    return settings
+
+
 def load_model_settings(model_path: str) -> dict[str, Any]:
     """The settings a trained model carries, with :data:`DEFAULT_SETTINGS` for whatever it does not record.
 
@@ -155,17 +171,14 @@ def load_model_settings(model_path: str) -> dict[str, Any]:
     weights (:func:`infer_generator_hparams`). A missing file gives the defaults (so that configs still parse,
     e.g. for ``verify_net_in_out``); loading the weights later fails with a clear message.
     """
-    settings = {**DEFAULT_SETTINGS, "network_def": dict(DEFAULT_SETTINGS["network_def"])}
     if not os.path.isfile(model_path):
         logger.info(f"{model_path} does not exist yet: using the default (demo) settings.")
-        return settings
+        return settings_from_model({}, None)
     state, stored = read_model(model_path)
+    settings = settings_from_model(state, stored)
     if stored is not None:
-        settings.update(stored)
-        settings["network_def"] = dict(stored.get("network_def", settings["network_def"]))
         source = "recorded in the model"
     else:
-        settings["network_def"].update(infer_generator_hparams(state))
         source = "inferred from the weights (the model records no settings)"
     net = settings["network_def"]
     args = ", ".join(f"{k}={v}" for k, v in net.items() if k != "_target_")

@@ -64,7 +64,7 @@ LARGE_FILE_BYTES = 1024 * 1024  # the zoo's pre-commit check-added-large-files -
 # MONAI Label guesses a bundle's task from its folder name: these words would make it guess wrong
 RESERVED_WORDS = ("detection", "segmentation", "classification", "deepedit", "deepgrow")
 NAME_PATTERN = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
-SETTING_KEYS = ("image_size", "slice_index", "threshold")
+SETTING_KEYS = ("image_size", "slice_index", "slice_axis", "threshold")
 SAMPLE_SIZES = {"train": (0, 0), "unlabeled": (0, 0), "val": (0, 0), "test": (2, 2)}  # sample_data/: 4 images
 
 logger = logging.getLogger("export_bundle")

@@ -46,10 +46,12 @@ assert torch.version.cuda is None, f"torch {torch.__version__} is a CUDA build"
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__}, expected 2.13.0"
 assert monai.__version__ == "1.6.1", f"monai {monai.__version__}, expected 1.6.1"
 assert monailabel.__version__.startswith("0.8.5"), f"monailabel {monailabel.__version__}, expected 0.8.5"
+import highdicom  # (DICOM SEG results)
 import itk  # noqa: F401  (ITKReader for DICOM series)
 import monailabel.app  # noqa: F401  (the server imports: fails under pydicom 3)
 import skimage  # noqa: F401
 
+assert highdicom.__version__ == "0.22.0", f"highdicom {highdicom.__version__}, expected 0.22.0 (pydicom 2)"
 print(f"{sys.prefix}: torch {torch.__version__}, monai {monai.__version__}, monailabel {monailabel.__version__}")
 EOF
 }

@@ -26,7 +26,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE = os.path.join(HERE, "zoo_unit_test_template.py")
 TEMPLATE_NAME = "sagan_xray_anomaly"
-UNIT_TEST_DIR = os.path.join("ci", "unit_tests")  # beside the bundle folder, as in the zoo (models/<name>, ci/unit_tests)
+UNIT_TEST_DIR = os.path.join("ci", "unit_tests")  # beside the bundle folder, as in the zoo (models/<name>)
 
 # the zoo's .pre-commit-config.yaml (pre-commit-hooks rev v4.6.0): hook id -> (module, args, file filter)
 # filters: "all" every staged file, "text" text files, "json"/"yaml"/"python" by extension, "exec" executable text

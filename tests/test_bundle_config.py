@@ -59,11 +59,32 @@ def test_demo_defaults_are_one_definition():
     assert parser.get("image_size") == DEFAULT_SETTINGS["image_size"]
 
 
-def test_inference_preprocessing_is_the_training_preprocessing():
-    train, infer = config("train.json").get("preprocessing"), config("inference.json").get("preprocessing")
-    # training caches decoded tensors without metadata; inference keeps the metadata for its writers
-    assert train["transforms"][:-1] == infer["transforms"]
-    assert train["transforms"][-1]["_target_"] == "EnsureTyped"
+def transform_args(compose) -> list:
+    """Each transform of a Compose as (class name, its plain attributes, two levels deep)."""
+
+    def plain(obj, depth=0):
+        if isinstance(obj, (str, int, float, bool, type(None))):
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return [plain(v, depth) for v in obj]
+        if depth < 2 and hasattr(obj, "__dict__"):
+            return (type(obj).__name__, {k: plain(v, depth + 1) for k, v in vars(obj).items() if k != "R"})
+        return type(obj).__name__
+
+    return [plain(t) for t in compose.transforms]
+
+
+@pytest.mark.parametrize("image_size, slice_index", [(64, None), (48, 2)])
+def test_inference_preprocessing_is_the_training_preprocessing(image_size, slice_index):
+    """train.json's ``preprocessing`` (``bundle.transforms.preprocessing``) builds what inference.json's own block
+    builds, plus the last step: training caches decoded tensors without metadata; inference keeps the metadata for
+    its writers."""
+    train, infer = config("train.json"), config("inference.json")
+    for parser in (train, infer):
+        parser.update({"image_size": image_size, "slice_index": slice_index})
+    train, infer = (transform_args(p.get_parsed_content("preprocessing")) for p in (train, infer))
+    assert len(infer) == 3 and train[:-1] == infer
+    assert train[-1][0] == "EnsureTyped" and train[-1][1]["converter"][1]["track_meta"] is False
 
 
 def test_yaml_override_merges_with_json(tmp_path):
@@ -109,11 +130,30 @@ def test_time_limit_stops_cleanly():
     assert unlimited.run(range(10)).iteration == 10
 
 
-def test_early_stop_is_wired_and_off_by_default():
+@pytest.mark.parametrize(
+    "selection, patience, stopping",
+    [("val_auc", 0, None), ("val_auc", 3, "validate"), ("last", 3, "validate"), ("pseudo_auc", 3, "pseudo")],
+)
+def test_early_stop_is_wired_and_off_by_default(selection, patience, stopping, tiny_dataset, tmp_path):
+    """Off by default; with a patience, the evaluator of the selection metric (val AUC, also for ``last``; the
+    pseudo-AUC when selecting on it) stops the trainer."""
+    from monai.handlers import EarlyStopHandler
+
+    assert config("train.json").get_parsed_content("early_stop_patience") == 0
+    assert config("train.json").get_parsed_content("max_minutes") == 0
     parser = config("train.json")
-    early = [h for h in parser.get("validate#handlers") if isinstance(h, dict) and h["_target_"] == "EarlyStopHandler"]
-    assert len(early) == 1 and early[0]["trainer"] == "@train#trainer"
-    assert parser.get_parsed_content("early_stop_patience") == 0 and parser.get_parsed_content("max_minutes") == 0
+    parser.update({"dataset_dir": tiny_dataset, "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "tb")})
+    parser.update({"batch_size": 4, "checkpoint_selection": selection, "early_stop_patience": patience})
+    parser["pseudo_holdout"] = 0.0 if selection == "val_auc" else 0.2
+    parser["pseudo_holdout_min"] = 2
+    for section in ("validate", "pseudo"):
+        evaluator = parser.get_parsed_content(f"{section}#evaluator")
+        handlers = [e[0] for entries in evaluator._event_handlers.values() for e in entries]
+        early = [h for h in handlers if isinstance(h, EarlyStopHandler)]
+        assert len(early) == (section == stopping)
+        if early:
+            assert early[0]._handler.trainer is parser.get_parsed_content("train#trainer")
+            assert early[0].patience == patience
 
 
 def test_train_json_declares_no_speed_switch():

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,16 @@ from ..atomic import write_text_atomic
 from ..conformal import ALPHAS, clopper_pearson
 from ..visualize import save_extremes
 from .operating_point import specificity_interval
+from .volume_aggregator import VOLUME_COLUMNS, volume_row
 
-__all__ = ["EvaluationReportHandler", "roc_curve", "precision_recall_curve"]
+__all__ = [
+    "EvaluationReportHandler",
+    "VolumeLevelMetrics",
+    "auc_and_ap",
+    "precision_recall_curve",
+    "roc_curve",
+    "volume_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,75 @@ def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.n
     """(recall, precision) over every threshold, highest threshold first."""
     tp, fp = _counts_per_threshold(scores, labels)
     return tp / max(tp[-1], 1), tp / (tp + fp)
+
+
+def volume_cases(
+    rows: Sequence[tuple[str, int, float]], slice_rows: Mapping[str, tuple[str, int]]
+) -> dict[str, tuple[int, float]]:
+    """One ``(label, score)`` per listed case from per-row ``(file, label, score)``: a row named in ``slice_rows``
+    (row name -> ``(volume file, slice index)``, :attr:`bundle.data.ImageCache.slice_rows`) counts towards its volume,
+    whose score is the highest of its slices' scores (score in [0, 1], label 0/1); any other row is its own case.
+
+    Raises:
+        ValueError: the slices of one volume carry different labels."""
+    cases: dict[str, tuple[int, float]] = {}
+    for file, label, score in rows:
+        key = slice_rows[file][0] if file in slice_rows else file
+        known = cases.setdefault(key, (label, score))
+        if known[0] != label:
+            raise ValueError(f"{key}: its slices carry the labels {known[0]} and {label}; a volume has one.")
+        cases[key] = (label, max(known[1], score))
+    return cases
+
+
+def auc_and_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
+    """ROC AUC and average precision (MONAI's ``compute_roc_auc`` / ``compute_average_precision``, as the evaluator's
+    ``ROCAUC`` / ``AveragePrecision``) of (N,) scores for (N,) labels in {0, 1}; None without both classes."""
+    from monai.metrics import compute_average_precision, compute_roc_auc
+
+    if not ((labels == 0).any() and (labels == 1).any()):
+        return None
+    y_pred, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)
+    return float(compute_roc_auc(y_pred, y)), float(compute_average_precision(y_pred, y))
+
+
+class VolumeLevelMetrics:
+    """Adds volume-level ``<prefix>volume_auc`` and ``<prefix>volume_ap`` to an evaluator's ``state.metrics`` when
+    its data set takes volumes slice by slice (an :class:`bundle.data.ImageCache` with ``slice_rows``): one score per
+    volume, its highest slice score (:func:`volume_cases`). Nothing is added for 2D data sets or when the cases hold
+    one class only. For validation during training: list it in the evaluator's handlers before ``StatsHandler`` /
+    ``TensorBoardStatsHandler`` so that they log it; the key metric stays slice-level.
+
+    Reads ``filename`` from the decollated ``engine.state.batch`` and ``label``, ``score`` from
+    ``engine.state.output``.
+    """
+
+    def __init__(self, prefix: str = "val_") -> None:
+        self.prefix = prefix
+        self.rows: list[tuple[str, int, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._compute)
+
+    def _reset(self, _engine: Engine) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        for source, item in zip(engine.state.batch, engine.state.output):
+            self.rows.append((str(source["filename"]), int(item["label"]), float(item["score"].item())))
+
+    def _compute(self, engine: Engine) -> None:
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        slice_rows = getattr(dataset, "slice_rows", None) or {}
+        if not any(row[0] in slice_rows for row in self.rows):
+            return
+        cases = volume_cases(self.rows, slice_rows)
+        labels = np.array([label for label, _ in cases.values()])
+        result = auc_and_ap(np.array([score for _, score in cases.values()]), labels)
+        if result is not None:
+            engine.state.metrics[f"{self.prefix}volume_auc"], engine.state.metrics[f"{self.prefix}volume_ap"] = result
 
 
 class EvaluationReportHandler:
@@ -70,6 +147,16 @@ class EvaluationReportHandler:
     the evaluated normal images (at most ``alpha`` is promised for images like those that set the threshold), its
     95% Clopper-Pearson ``false_positive_rate_interval`` for that many normal images, and the ``sensitivity``; a
     warning says when ``alpha`` lies below that interval (the promise does not hold on these images).
+
+    On a data set of 3D volumes taken slice by slice (the evaluator's data set an :class:`bundle.data.ImageCache`
+    whose ``slice_rows`` name the volume and slice of each row), the metrics above are slice-level (each slice
+    scored as an image, with its volume's label; its ``scores.csv`` row is ``<file>#slice=<k>``), and the report adds
+    the volume level: ``volume_auc`` and ``volume_ap`` over one score per listed case (a volume's highest slice
+    score, the aggregate of inference's volumes.csv; a 2D image listed beside volumes is its own case), with
+    ``n_volumes_normal`` / ``n_volumes_abnormal`` and, with a ``threshold``, ``volume_sensitivity`` and
+    ``volume_specificity`` (a volume is abnormal when its top slice is); and ``volumes.csv``, one row per volume:
+    ``file``, ``label`` and the columns of inference's volumes.csv
+    (:data:`~bundle.handlers.volume_aggregator.VOLUME_COLUMNS`). Without volumes none of these keys or files appear.
 
     ``metrics.json`` also says which listed images were not scored: ``n_skipped`` and ``skipped``
     (``[{"file", "label", "reason"}, ...]``): the bad images that the evaluator's data set (``ImageCache`` with
@@ -199,6 +286,59 @@ class EvaluationReportHandler:
                 )
         return skipped
 
+    def _volume_level(self, engine: Engine) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """Volume-level metrics and the rows of volumes.csv (see the class docstring); None when no row is a slice
+        of a volume.
+
+        Raises:
+            ValueError: the slices of one volume carry different labels."""
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        slice_rows: Mapping[str, tuple[str, int]] = getattr(dataset, "slice_rows", None) or {}
+        if not any(row[0] in slice_rows for row in self.rows):
+            return None
+        infos = getattr(dataset, "volumes", {})
+        has_domain = len(self.domain) == len(self.rows)
+        has_p = len(self.p_values) == len(self.rows)
+        cases = volume_cases(self.rows, slice_rows)  # volume (or a 2D image listed beside volumes) -> (label, score)
+        slices: dict[str, dict[int, dict[str, Any]]] = {}
+        for i, (file, _, score) in enumerate(self.rows):
+            if file not in slice_rows:
+                continue
+            volume, index = slice_rows[file]
+            slices.setdefault(volume, {})[index] = {
+                "score": score,
+                "abnormal": None if self.threshold is None else float(score > self.threshold),
+                "p_value": self.p_values[i] if has_p else None,
+                "in_domain": self.domain[i][0] if has_domain else None,
+            }
+        rows = []
+        for volume, results in slices.items():
+            info = infos[volume]
+            row = volume_row(volume, info.spatial_shape, info.slice_axis, results, self.threshold)
+            rows.append({"file": volume, "label": cases[volume][0], **{k: row[k] for k in VOLUME_COLUMNS[1:]}})
+        labels = np.array([label for label, _ in cases.values()])
+        scores = np.array([score for _, score in cases.values()])
+        result = auc_and_ap(scores, labels)
+        metrics: dict[str, Any] = {"volume_auc": None, "volume_ap": None}
+        if result is not None:
+            metrics["volume_auc"], metrics["volume_ap"] = result
+        else:
+            logger.warning(f"volume level: {len(cases)} volumes of one class only; no volume_auc or volume_ap.")
+        metrics.update(n_volumes_normal=int((labels == 0).sum()), n_volumes_abnormal=int((labels == 1).sum()))
+        if self.threshold is not None:
+            called = scores > self.threshold
+            metrics["volume_sensitivity"] = float(called[labels == 1].mean()) if (labels == 1).any() else None
+            metrics["volume_specificity"] = float((~called)[labels == 0].mean()) if (labels == 0).any() else None
+        return metrics, rows
+
+    def _write_volumes(self, rows: list[dict[str, Any]]) -> None:
+        """volumes.csv: ``file``, ``label`` and :data:`~bundle.handlers.volume_aggregator.VOLUME_COLUMNS`."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["file", "label", *VOLUME_COLUMNS[1:]], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(os.path.join(self.output_dir, "volumes.csv"), text.getvalue(), errors="backslashreplace")
+
     def _write(self, engine: Engine) -> None:
         import matplotlib
 
@@ -235,6 +375,10 @@ class EvaluationReportHandler:
         p_values = np.array(self.p_values) if self.p_values and len(self.p_values) == len(self.rows) else None
         if p_values is not None:
             report["conformal"] = self._conformal(p_values, labels)
+        volume_level = self._volume_level(engine)
+        if volume_level is not None:
+            report.update(volume_level[0])
+            self._write_volumes(volume_level[1])
         report.update(self.extra_info)
         write_text_atomic(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=4))
         header, table = ["file", "label", "score"], [list(row) for row in self.rows]
@@ -276,6 +420,17 @@ class EvaluationReportHandler:
                 n_high=k,
             )
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        if volume_level is not None:
+            level = volume_level[0]
+            n = level["n_volumes_normal"] + level["n_volumes_abnormal"]
+            shown = {k: level[k] for k in ("volume_auc", "volume_ap") if level[k] is not None}
+            summary += "".join(f", {k} {v:.4f}" for k, v in shown.items())
+            logger.info(
+                f"volume level: {n} volumes ({level['n_volumes_normal']} normal, {level['n_volumes_abnormal']} "
+                f"abnormal; score = highest slice score): "
+                + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "no AUC (one class)")
+                + f"; per volume in {os.path.join(self.output_dir, 'volumes.csv')}"
+            )
         left_out = f", {len(skipped)} bad images skipped (listed in metrics.json)" if skipped else ""
         if skipped:
             logger.warning(f"{len(skipped)} listed images were not scored: " + ", ".join(s["file"] for s in skipped))

@@ -28,10 +28,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..atomic import write_atomic, write_text_atomic
-from ..transforms.io import volume_slice
+from ..transforms.io import DicomSeries, find_dicom_series, volume_slice
 from ..transforms.regions import find_regions, region_mask
 
-__all__ = ["VOLUME_COLUMNS", "VolumeAggregator", "volume_p_value"]
+__all__ = ["VOLUME_COLUMNS", "VolumeAggregator", "volume_p_value", "volume_row"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,11 @@ class VolumeAggregator:
         filename: the volumes table's name.
         image_key: the output key of the (decollated) input image, whose metadata marks a slice.
         map_key: the output key of the heat map.
+        output_format: ``"dicom"``: a volume that is a DICOM series (a folder:
+            :func:`bundle.transforms.io.find_dicom_series`) also gets ONE DICOM SEG of its label map and ONE
+            Comprehensive SR with its volumes.csv row (:func:`bundle.transforms.dicom_output.write_series_seg_sr`:
+            ``<folder name>_seg.dcm``, ``<folder name>_sr.dcm``); ``"default"``: nothing more.
+        model_path: the model file, whose name and sha256 the SEG and SR record.
     """
 
     def __init__(
@@ -124,7 +129,15 @@ class VolumeAggregator:
         filename: str = "volumes.csv",
         image_key: str = "image",
         map_key: str = "heatmap",
+        output_format: str = "default",
+        model_path: str | None = None,
     ) -> None:
+        from ..transforms.dicom_output import OUTPUT_FORMATS
+
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}.")
+        self.output_format, self.model_path = output_format, model_path
+        self._model: dict[str, str] | None = None
         self.output_dir, self.filename = output_dir, filename
         self.threshold, self.alpha, self.pixel_threshold = threshold, alpha, pixel_threshold
         self.image_key, self.map_key = image_key, map_key
@@ -196,16 +209,33 @@ class VolumeAggregator:
         row = self._row(volume)
         self._rows.append(row)
         decision = "" if row["abnormal"] == "" else (", abnormal" if row["abnormal"] else ", normal")
+        series = find_dicom_series(volume.filename) if os.path.isdir(volume.filename) else None
+        instance = ""
+        if series is not None and volume.slice_axis == 2:
+            instance = f" (SOP Instance UID {series.sop_instance_uids[row['top_slice']]})"
         logger.info(
             f"{volume.filename}: {row['slices_scored']} of {row['slices']} slices along axis {volume.slice_axis} "
-            f"scored; volume score {row['volume_score']:.6g} (the maximum) at slice {row['top_slice']}{decision}."
+            f"scored; volume score {row['volume_score']:.6g} (the maximum) at slice {row['top_slice']}{instance}"
+            f"{decision}."
         )
+        if series is not None and self.output_format == "dicom":
+            self._write_dicom(series, volume, label, row)
         if row["in_domain_slices"] != "" and row["in_domain_slices"] < row["slices_scored"]:
             outside = row["slices_scored"] - row["in_domain_slices"]
             logger.warning(
                 f"{volume.filename}: {outside} of {row['slices_scored']} scored slices are outside the training "
                 "domain: their scores are not calibrated."
             )
+
+    def _write_dicom(self, series: DicomSeries, volume: _Volume, label: np.ndarray, row: dict[str, Any]) -> None:
+        """The SEG and SR of a DICOM series (:func:`bundle.transforms.dicom_output.write_series_seg_sr`)."""
+        from ..transforms.dicom_output import model_identity, write_series_seg_sr
+
+        if self._model is None:
+            self._model = model_identity(self.model_path)
+        result = {"threshold": self.threshold, "alpha": self.alpha, "pixel_threshold": self.pixel_threshold}
+        mask = None if self.pixel_threshold is None else label
+        write_series_seg_sr(series, mask, row, {**result, **self._model}, self.output_dir, volume.slice_axis)
 
     def _volume_maps(self, volume: _Volume) -> tuple[np.ndarray, np.ndarray]:
         """(S0, S1, S2) float32 heat map and uint8 label map of the volume."""
@@ -236,30 +266,60 @@ class VolumeAggregator:
         write_atomic(path, lambda f: f.write(data))
 
     def _row(self, volume: _Volume) -> dict[str, Any]:
-        indices = sorted(volume.slices)
-        scores = np.array([volume.slices[k]["score"] for k in indices])
-        top = indices[int(np.argmax(scores))]
-        top_score = float(scores.max())
-        p_values = [volume.slices[k]["p_value"] for k in indices]
-        has_p = all(p is not None for p in p_values)
-        abnormal: int | str = ""
-        if self.alpha is not None and has_p:
-            abnormal = int(volume_p_value(p_values) <= self.alpha)
-        elif self.threshold is not None:
-            abnormal = int(top_score > self.threshold)
-        flags = [volume.slices[k]["abnormal"] for k in indices]
-        domain = [volume.slices[k]["in_domain"] for k in indices]
-        return {
-            "file": volume.filename,
-            "slice_axis": volume.slice_axis,
-            "slices": volume.spatial_shape[volume.slice_axis],
-            "slices_scored": len(indices),
-            "volume_score": top_score,
-            "top_slice": top,
-            "top_slice_score": top_score,
-            "abnormal": abnormal,
-            "abnormal_slices": sum(int(f > 0.5) for f in flags) if all(f is not None for f in flags) else "",
-            "p_value_of_top_slice": volume.slices[top]["p_value"] if has_p else "",
-            "volume_p_value": volume_p_value(p_values) if has_p else "",
-            "in_domain_slices": sum(int(d > 0.5) for d in domain) if all(d is not None for d in domain) else "",
-        }
+        return volume_row(
+            volume.filename, volume.spatial_shape, volume.slice_axis, volume.slices, self.threshold, self.alpha
+        )
+
+
+def volume_row(
+    filename: str,
+    spatial_shape: tuple[int, ...],
+    slice_axis: int,
+    slices: Mapping[int, Mapping[str, Any]],
+    threshold: float | None = None,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """One row of volumes.csv (:data:`VOLUME_COLUMNS`) from the results of a volume's scored slices.
+
+    Args:
+        filename: the volume's file.
+        spatial_shape: (S0, S1, S2) of the volume.
+        slice_axis: the axis its slices were taken along (0, 1 or 2).
+        slices: slice index -> ``{"score": float in [0, 1], "abnormal": 0/1 or None, "p_value": (0, 1] or None,
+            "in_domain": 0/1 or None}``; at least one slice.
+        threshold: the score threshold (``abnormal = volume_score > threshold``); None: no decision.
+        alpha: when set (and every slice has a p-value), the decision is ``volume_p_value <= alpha`` instead.
+
+    Returns:
+        The row: ``volume_score`` is the highest slice score (the aggregate of this module's docstring); columns
+        the slices cannot give are ``""``.
+    """
+    indices = sorted(slices)
+    if not indices:
+        raise ValueError(f"{filename}: volume_row needs at least one scored slice.")
+    scores = np.array([slices[k]["score"] for k in indices], np.float64)
+    top = indices[int(np.argmax(scores))]
+    top_score = float(scores.max())
+    p_values = [slices[k].get("p_value") for k in indices]
+    has_p = all(p is not None for p in p_values)
+    abnormal: int | str = ""
+    if alpha is not None and has_p:
+        abnormal = int(volume_p_value(p_values) <= alpha)
+    elif threshold is not None:
+        abnormal = int(top_score > threshold)
+    flags = [slices[k].get("abnormal") for k in indices]
+    domain = [slices[k].get("in_domain") for k in indices]
+    return {
+        "file": filename,
+        "slice_axis": slice_axis,
+        "slices": spatial_shape[slice_axis],
+        "slices_scored": len(indices),
+        "volume_score": top_score,
+        "top_slice": top,
+        "top_slice_score": top_score,
+        "abnormal": abnormal,
+        "abnormal_slices": sum(int(f > 0.5) for f in flags) if all(f is not None for f in flags) else "",
+        "p_value_of_top_slice": slices[top]["p_value"] if has_p else "",
+        "volume_p_value": volume_p_value(p_values) if has_p else "",
+        "in_domain_slices": sum(int(d > 0.5) for d in domain) if all(d is not None for d in domain) else "",
+    }

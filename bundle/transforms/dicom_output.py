@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 from monai.transforms import MapTransform
 
 from ..atomic import write_atomic
+from .io import SLICE_INDEX_KEY, DicomSeries
 from .regions import MIN_REGION_SIZE, find_regions, region_mask
 
 if TYPE_CHECKING:  # highdicom is needed only when DICOM is written
@@ -43,10 +44,12 @@ __all__ = [
     "OUTPUT_FORMATS",
     "SaveDicomSegSRd",
     "build_segmentation",
+    "build_series_structured_report",
     "build_structured_report",
     "model_identity",
     "read_source_dicom",
     "source_grid_mask",
+    "write_series_seg_sr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,15 +127,21 @@ def _code(value: str, meaning: str) -> Any:
     return Code(value, CODING_SCHEME, meaning)
 
 
-def build_segmentation(source: Dataset, mask: np.ndarray, result: Mapping[str, Any]) -> Segmentation:
-    """A DICOM SEG (binary, one segment "Anomaly region") of ``mask`` on the source image.
+def build_segmentation(
+    source: Dataset | Sequence[Dataset], mask: np.ndarray, result: Mapping[str, Any], omit_empty_frames: bool = False
+) -> Segmentation:
+    """A DICOM SEG (binary, one segment "Anomaly region") of ``mask`` on the source image or series.
 
     Args:
-        source: the source image's dataset (pixel data not needed): patient, study, frame of reference, pixel
-            spacing and plane position are taken from it, and it is referenced as the derivation source.
+        source: the source image's dataset, or the (N,) datasets of a series' single-frame instances in slice order
+            (pixel data not needed): patient, study, frame of reference, pixel spacing and plane positions are taken
+            from them, and they are referenced as the derivation sources.
         mask: (rows, columns) or (frames, rows, columns) with values in {0, 1}, the source's Rows x Columns (and
-            NumberOfFrames); every frame is written, also empty ones, so that frame i is source frame i.
+            NumberOfFrames); for a series (N, rows, columns), frame k on ``source[k]``. Every frame is written, also
+            empty ones, so that frame i is source frame i, unless ``omit_empty_frames``.
         result: at least ``bundle_version``, ``model_file`` and ``model_sha256`` (:func:`model_identity`).
+        omit_empty_frames: leave out frames without a region (each written frame names its source instance); all
+            sources are referenced all the same.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -152,8 +161,9 @@ def build_segmentation(source: Dataset, mask: np.ndarray, result: Mapping[str, A
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
     return hd.seg.Segmentation(
-        source_images=[source],
+        source_images=sources,
         pixel_array=np.asarray(mask, np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
@@ -167,7 +177,7 @@ def build_segmentation(source: Dataset, mask: np.ndarray, result: Mapping[str, A
         device_serial_number=str(result["model_sha256"])[:64] or "unknown",
         content_label="ANOMALY",
         content_description="SAGAN anomaly regions (research use only)",
-        omit_empty_frames=False,
+        omit_empty_frames=omit_empty_frames,
     )
 
 
@@ -190,7 +200,6 @@ def build_structured_report(source: Dataset, result: Mapping[str, Any]) -> Compr
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
-    from pydicom.uid import generate_uid
 
     no_units = Code("1", "UCUM", "no units")
     numbers = [
@@ -213,6 +222,25 @@ def build_structured_report(source: Dataset, result: Mapping[str, Any]) -> Compr
     finding = None
     if _present(result.get("abnormal")):
         finding = codes.SCT.Abnormal if result["abnormal"] else codes.SCT.Normal
+    return _measurement_report([source], [source], measurements, evaluations, finding, result)
+
+
+def _measurement_report(
+    evidence: Sequence[Dataset],
+    group_sources: Sequence[Dataset],
+    measurements: list,
+    evaluations: list,
+    finding: Any,
+    result: Mapping[str, Any],
+) -> ComprehensiveSR:
+    """The Comprehensive SR (TID 1500) of one measurement group: ``measurements`` and ``evaluations`` (highdicom
+    items), the ``finding`` (a code or None), the algorithm of ``result`` (:func:`model_identity`), the source images
+    ``group_sources`` of the group (may be empty), and ``evidence`` (the referenced instances, patient and study
+    taken from the first)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
     parameters = [f"model file {result['model_file']}", f"model sha256 {result['model_sha256']}"]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="SAGAN anomaly assessment"),
@@ -220,7 +248,7 @@ def build_structured_report(source: Dataset, result: Mapping[str, Any]) -> Compr
         algorithm_id=hd.sr.AlgorithmIdentification(ALGORITHM_NAME, str(result["bundle_version"]), parameters),
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in group_sources] or None,
     )
     # the observer is the model: the same model file gives the same device UID
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -238,7 +266,7 @@ def build_structured_report(source: Dataset, result: Mapping[str, Any]) -> Compr
         observation_context=context, procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=[group]
     )
     return hd.sr.ComprehensiveSR(
-        evidence=[source],
+        evidence=list(evidence),
         content=report[0],
         series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER,
@@ -249,6 +277,63 @@ def build_structured_report(source: Dataset, result: Mapping[str, Any]) -> Compr
         is_final=False,  # unverified output of a research model
         is_verified=False,
     )
+
+
+# the volume result in a series' SR: (volumes.csv column, code value, meaning); "" values are left out
+SERIES_MEASUREMENTS = (
+    ("volume_score", "volume-anomaly-score", "Volume anomaly score"),
+    ("top_slice", "top-slice", "Top slice index"),
+    ("top_slice_score", "anomaly-score", "Anomaly score"),
+    ("p_value_of_top_slice", "p-value", "Conformal p-value"),
+    ("volume_p_value", "volume-p-value", "Volume p-value"),
+    ("slices", "slices", "Slices"),
+    ("slices_scored", "slices-scored", "Scored slices"),
+    ("abnormal_slices", "abnormal-slices", "Abnormal slices"),
+    ("in_domain_slices", "in-domain-slices", "Scored slices within the training domain"),
+)
+
+
+def build_series_structured_report(
+    sources: Sequence[Dataset], row: Mapping[str, Any], result: Mapping[str, Any], top_source: Dataset | None = None
+) -> ComprehensiveSR:
+    """A Comprehensive SR (TID 1500) with the volume-level result of a DICOM series scored slice by slice.
+
+    Args:
+        sources: the (N,) datasets of the series' instances (pixel data not needed), all referenced as evidence.
+        row: the series' row of volumes.csv (:func:`bundle.handlers.volume_aggregator.volume_row`): the
+            measurements of :data:`SERIES_MEASUREMENTS` (columns that are ``""`` left out; ``top_slice`` is the
+            index in position order), the finding Abnormal/Normal from ``abnormal``, and "within the training
+            domain" Yes when every scored slice is (``in_domain_slices == slices_scored``).
+        result: ``threshold``, ``alpha``, ``pixel_threshold`` (each left out when None) and the model's
+            ``bundle_version``, ``model_file``, ``model_sha256`` (:func:`model_identity`).
+        top_source: the instance of the top slice, the measurement group's source image (None: no source image in
+            the group, e.g. slices taken across the instances).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    no_units = Code("1", "UCUM", "no units")
+    values = [(row.get(key), code, meaning) for key, code, meaning in SERIES_MEASUREMENTS]
+    values += [
+        (result.get("threshold"), "score-threshold", "Anomaly score threshold"),
+        (result.get("alpha"), "alpha", "False-alarm rate alpha"),
+        (result.get("pixel_threshold"), "pixel-threshold", "Anomaly region pixel threshold"),
+    ]
+    measurements = [
+        hd.sr.Measurement(name=_code(code, meaning), value=float(value), unit=no_units)
+        for value, code, meaning in values
+        if value not in ("", None) and _present(float(value))
+    ]
+    evaluations = []
+    if row.get("in_domain_slices", "") != "":
+        inside = codes.SCT.Yes if int(row["in_domain_slices"]) == int(row["slices_scored"]) else codes.SCT.No
+        evaluations.append(hd.sr.QualitativeEvaluation(_code("in-domain", "Within the training domain"), inside))
+    finding = None
+    if row.get("abnormal", "") != "":
+        finding = codes.SCT.Abnormal if int(row["abnormal"]) else codes.SCT.Normal
+    group_sources = [] if top_source is None else [top_source]
+    return _measurement_report(sources, group_sources, measurements, evaluations, finding, result)
 
 
 def _item_value(value: Any) -> Any:
@@ -334,6 +419,13 @@ class SaveDicomSegSRd(MapTransform):
             return d
         for key in self.key_iterator(d):
             filename = str(getattr(d[key], "meta", {}).get("filename_or_obj", ""))
+            if filename and os.path.isdir(filename):  # a DICOM series: VolumeAggregator writes one SEG and SR for it
+                if SLICE_INDEX_KEY not in getattr(d.get("image"), "meta", {}):
+                    logger.warning(
+                        f"{filename}: a DICOM series scored at the model's slice_index only: no DICOM SEG/SR is "
+                        "written for it (they are written for series scored slice by slice)."
+                    )
+                continue
             source = read_source_dicom(filename) if filename else None
             if source is None:
                 logger.warning(
@@ -370,3 +462,55 @@ class SaveDicomSegSRd(MapTransform):
             write_atomic(sr_path, build_structured_report(source, result).save_as)
         except Exception as e:
             logger.warning(f"{filename}: cannot write a DICOM SR ({type(e).__name__}: {e}).")
+
+
+def write_series_seg_sr(
+    series: DicomSeries,
+    label: np.ndarray | None,
+    row: Mapping[str, Any],
+    result: Mapping[str, Any],
+    output_dir: str,
+    slice_axis: int = 2,
+) -> list[str]:
+    """Writes ``<output_dir>/<folder name>_seg.dcm`` and ``<folder name>_sr.dcm`` for a DICOM series scored slice by
+    slice: ONE SEG whose frames are the slices of ``label`` that hold a region, each on its source instance (every
+    instance of the series referenced), and ONE SR with the volume result (:func:`build_series_structured_report`;
+    the measurement group's source image is the top slice's instance when the slices were taken along the
+    instances, ``slice_axis`` 2).
+
+    Args:
+        series: the series (its instances in slice order).
+        label: (columns, rows, N) uint8 in {0, 1}, the label map of the volume (MONAI's order, as the label NIfTI);
+            None: no SEG (the model has no pixel threshold), with a warning.
+        row: the series' row of volumes.csv.
+        result: ``threshold``, ``alpha``, ``pixel_threshold`` and :func:`model_identity`.
+        output_dir: where the files go.
+        slice_axis: the axis the slices were scored along.
+
+    Returns:
+        The paths written. A SEG or SR that highdicom cannot build is named in a warning, not raised.
+    """
+    import pydicom
+
+    os.makedirs(output_dir, exist_ok=True)
+    name = os.path.basename(series.folder)
+    seg_path, sr_path = (os.path.join(output_dir, f"{name}_{kind}.dcm") for kind in ("seg", "sr"))
+    sources = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in series.files]
+    written = []
+    if label is None:
+        logger.warning(f"{series.folder}: the model stores no pixel_threshold, so no DICOM SEG of regions is written.")
+    else:
+        frames = np.ascontiguousarray(np.transpose(np.asarray(label, np.uint8), (2, 1, 0)))  # (N, rows, columns)
+        try:
+            seg = build_segmentation(sources, frames, result, omit_empty_frames=bool(frames.any()))
+            write_atomic(seg_path, seg.save_as)
+            written.append(seg_path)
+        except Exception as e:  # highdicom refuses headers that lack what a SEG must copy
+            logger.warning(f"{series.folder}: cannot write a DICOM SEG ({type(e).__name__}: {e}).")
+    top = sources[int(row["top_slice"])] if slice_axis == 2 else None
+    try:
+        write_atomic(sr_path, build_series_structured_report(sources, row, result, top).save_as)
+        written.append(sr_path)
+    except Exception as e:
+        logger.warning(f"{series.folder}: cannot write a DICOM SR ({type(e).__name__}: {e}).")
+    return written

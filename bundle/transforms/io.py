@@ -1,14 +1,17 @@
 # Copyright (c) the SAGAN bundle authors. Licensed under the Apache License, Version 2.0.
-"""Reading any supported 2D image (PNG/JPEG/BMP, DICOM, NIfTI), or one slice of a 3D volume, into one grey channel
-in [0, 1]."""
+"""Reading any supported 2D image (PNG/JPEG/BMP, DICOM, NIfTI), or one slice of a 3D volume (NIfTI, or a folder
+holding a DICOM series: :func:`find_dicom_series`, :func:`read_dicom_series`), into one grey channel in [0, 1]."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,17 +22,23 @@ from PIL import Image
 
 __all__ = [
     "BadImageError",
+    "DicomSeries",
     "LoadGrayscaleImaged",
     "SLICE_AXIS_KEY",
     "SLICE_INDEX_KEY",
     "header_size",
     "load_grayscale",
     "load_grayscale_slice",
+    "dicom_series_under",
+    "find_dicom_series",
     "make_loader",
     "printable_name",
+    "read_dicom_series",
     "read_volume",
     "volume_slice",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Above this many pixels in its 2D plane an image is refused before its pixels are decoded: 50 M pixels are 200 MB
 # as float32 (7071 x 7071; radiographs and mammograms have at most about 30 M). The model sees 64 x 64. A volume
@@ -131,6 +140,10 @@ def _read_checked(filename: str, loader: LoadImage | None) -> MetaTensor:
     """The file as MONAI reads it, (C, *spatial), after the checks that need no pixels (exists, regular file, size by
     its header). Raises BadImageError."""
     filename = os.fspath(filename)
+    if os.path.isdir(filename):
+        series = find_dicom_series(filename)
+        if series is not None:
+            return read_dicom_series(series, loader)
     if not os.path.isfile(filename):
         if not os.path.lexists(filename):
             raise BadImageError(filename, "file not found")
@@ -309,3 +322,245 @@ class LoadGrayscaleImaged(MapTransform):
             else:
                 d[key] = load_grayscale_slice(d[key], int(item_slice), int(item_axis), self.loader)
         return d
+
+
+# ---- DICOM series: a folder of single-frame instances of one series read as one 3D volume -------------------------
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# files with these suffixes are never opened as DICOM when a folder is searched for a series
+_OTHER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".gz", ".json", ".csv", ".txt")
+_POSITION_TOLERANCE = 1e-3  # mm: two instances closer than this along the slice normal are at the same position
+_SPACING_TOLERANCE = 0.01  # share of the mean slice step that the steps may differ by before a warning
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """The instances of one DICOM series in one folder, in the order of their position along the slice normal.
+
+    Attributes:
+        folder: the folder (normalised path): the series' name, the ``image`` of its data item and the
+            ``filename_or_obj`` of the volume read from it.
+        series_uid: its SeriesInstanceUID.
+        files: (N,) its instance files, sorted by ImagePositionPatient projected on the normal of
+            ImageOrientationPatient (ascending): slice k of the volume is ``files[k]``.
+        sop_instance_uids: (N,) their SOPInstanceUIDs, in the same order.
+        rows, columns: every instance's Rows and Columns.
+        affine: (4, 4) float64 voxel -> RAS mm of the volume (MONAI's convention, as its PydicomReader gives for one
+            file: array axis 0 along the columns of the image (the row direction), axis 1 along its rows, axis 2
+            the slices ``files`` in order; origin the first slice's ImagePositionPatient).
+    """
+
+    folder: str
+    series_uid: str
+    files: tuple[str, ...]
+    sop_instance_uids: tuple[str, ...]
+    rows: int
+    columns: int
+    affine: np.ndarray
+
+    @property
+    def depth(self) -> int:
+        """N, the number of slices (instances)."""
+        return len(self.files)
+
+
+def _dicom_candidates(folder: str) -> list[str]:
+    """The files of ``folder`` (not below it) that may be DICOM instances: a DICOM suffix, or a suffix that names no
+    other format and the DICM preamble (scanners and PACS exports often write names without a suffix)."""
+    import pydicom
+
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        lower = name.lower()
+        if name.startswith(".") or lower == "dicomdir" or lower.endswith(_OTHER_SUFFIXES) or not os.path.isfile(path):
+            continue
+        if lower.endswith(DICOM_SUFFIXES):
+            found.append(path)
+            continue
+        try:
+            if pydicom.misc.is_dicom(path):
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def _series_problem(headers: list) -> str | None:
+    """Why the headers of one series' instances (two or more) do not make a volume, or None when they do."""
+    if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in headers):
+        return "it holds multi-frame instances"
+    if len({(int(ds.Rows), int(ds.Columns)) for ds in headers}) > 1:
+        return "its instances have different Rows x Columns"
+    if any("PixelSpacing" not in ds for ds in headers):
+        return "an instance lacks PixelSpacing"
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    if orientations.shape[1] != 6 or not np.allclose(orientations, orientations[0], atol=1e-4):
+        return "its instances have different ImageOrientationPatient"
+    spacings = np.array([[float(v) for v in ds.PixelSpacing] for ds in headers])
+    if not np.allclose(spacings, spacings[0], rtol=1e-4):
+        return "its instances have different PixelSpacing"
+    return None
+
+
+def _make_series(folder: str, uid: str, members: list[tuple[str, object]]) -> DicomSeries | str:
+    """The :class:`DicomSeries` of one series' ``(file, header)`` pairs (two or more, each with position and
+    orientation), or a string saying why they are not a volume."""
+    headers = [ds for _, ds in members]
+    problem = _series_problem(headers)
+    if problem is not None:
+        return problem
+    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
+    distance = positions @ normal
+    order = np.argsort(distance, kind="stable")
+    steps = np.diff(distance[order])
+    if steps.min() < _POSITION_TOLERANCE:
+        return "two of its instances lie at the same position along the slice normal (several phases or echoes?)"
+    if steps.max() - steps.min() > _SPACING_TOLERANCE * steps.mean():
+        logger.warning(
+            f"{folder}: the slices of series {uid} are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} mm); "
+            "the volume's affine (the 3D outputs) uses the mean step."
+        )
+    row_spacing, column_spacing = (float(v) for v in headers[0].PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0] = row_direction * column_spacing  # array axis 0: the column index (MONAI swaps DICOM's i and j)
+    affine[:3, 1] = column_direction * row_spacing
+    affine[:3, 2] = (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
+    affine[:3, 3] = positions[order[0]]
+    affine[:2] *= -1.0  # LPS -> RAS, as MONAI's readers
+    return DicomSeries(
+        folder=os.path.normpath(folder),
+        series_uid=uid,
+        files=tuple(os.path.normpath(members[i][0]) for i in order),
+        sop_instance_uids=tuple(str(headers[i].SOPInstanceUID) for i in order),
+        rows=int(headers[0].Rows),
+        columns=int(headers[0].Columns),
+        affine=affine,
+    )
+
+
+def _scan_dicom_series(folder: str) -> DicomSeries | None:
+    """:func:`find_dicom_series` without the cache."""
+    import pydicom
+
+    groups: dict[str, list[tuple[str, object]]] = {}
+    for path in _dicom_candidates(folder):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            continue  # not DICOM after all: the image loader names the problem of a listed file
+        if "SeriesInstanceUID" in ds and "SOPInstanceUID" in ds and "Rows" in ds and "Columns" in ds:
+            groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    found = []
+    for uid, members in groups.items():
+        if len(members) < 2:
+            continue
+        if any("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds for _, ds in members):
+            continue  # projection images (CR, DX, ...) of one series: 2D images, as before
+        series = _make_series(folder, uid, members)
+        if isinstance(series, str):
+            logger.warning(
+                f"{folder}: series {uid} ({len(members)} instances) is not read as a volume: {series}; its files are "
+                "taken as 2D images."
+            )
+        else:
+            found.append(series)
+    if len(found) > 1:
+        named = ", ".join(f"{s.series_uid} ({s.depth} instances)" for s in found)
+        raise BadImageError(
+            folder,
+            f"holds {len(found)} DICOM series of several slices ({named}); put each series in a folder of its own",
+        )
+    return found[0] if found else None
+
+
+_series_cache: dict[tuple[str, int], DicomSeries | None] = {}
+_series_lock = threading.Lock()
+
+
+def find_dicom_series(folder: str) -> DicomSeries | None:
+    """The DICOM series of ``folder`` (its files, not its subfolders) that is read as one 3D volume, or None.
+
+    A series is a volume when two or more instances in the folder share its SeriesInstanceUID and all have
+    ImagePositionPatient and ImageOrientationPatient (a cross-sectional series: CT, MR, PET, ...), are single-frame,
+    and share Rows x Columns, orientation and PixelSpacing at distinct positions along the slice normal. A series
+    whose instances lack position or orientation (radiographs) is left to be taken file by file, as before; one
+    that fails the other checks too, with a warning naming the folder. Instances are DICOM-suffixed files and
+    files with the DICM preamble whose suffix names no other format. The result is kept per folder and
+    modification time (the folder is listed several times in one run).
+
+    Raises:
+        BadImageError: the folder holds two or more series that are volumes (one series per folder).
+    """
+    folder = os.path.normpath(os.fspath(folder))
+    try:
+        key = (os.path.realpath(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return None
+    with _series_lock:
+        if key in _series_cache:
+            return _series_cache[key]
+    series = _scan_dicom_series(folder)
+    with _series_lock:
+        if len(_series_cache) > 256:
+            _series_cache.clear()
+        _series_cache[key] = series
+    return series
+
+
+def dicom_series_under(path: str) -> list[DicomSeries]:
+    """The DICOM series (:func:`find_dicom_series`) of ``path`` and of every folder below it (hidden ones left out,
+    symbolic links to folders not followed), in the order of their folders' sorted paths."""
+    found = []
+    for root, dirs, _ in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        series = find_dicom_series(root)
+        if series is not None:
+            found.append(series)
+    return sorted(found, key=lambda s: s.folder)
+
+
+def read_dicom_series(series: DicomSeries, loader: LoadImage | None = None) -> MetaTensor:
+    """The instances of a DICOM series as one volume, (C, columns, rows, N) with slice k the k-th of ``series.files``
+    (sorted by position, not by file name or InstanceNumber), each instance read by the ``loader`` exactly as a 2D
+    DICOM file is (rescale slope and intercept applied). The metadata is the first slice's (its tags: MONOCHROME1 is
+    recognised) with the series' ``affine`` and ``original_affine`` (:attr:`DicomSeries.affine`), ``spatial_shape``
+    and ``filename_or_obj`` the series' folder.
+
+    MONAI's PydicomReader also reads a folder as a series, but sorts by InstanceNumber, stacks every file of the
+    folder, and takes the slice spacing from the z coordinate alone; hence the instances are read one by one here.
+
+    Raises:
+        BadImageError: an instance cannot be read (naming it) or differs in shape; the volume is too large.
+    """
+    voxels = series.rows * series.columns * series.depth
+    if voxels > 8 * MAX_PIXELS:
+        raise BadImageError(
+            series.folder,
+            f"DICOM series of {series.depth} slices of {series.rows} x {series.columns} pixels, more than the limit "
+            f"of {8 * MAX_PIXELS:,} voxels per volume (bundle.transforms.io.MAX_PIXELS)",
+        )
+    loader = loader or make_loader()
+    slices = [_read_checked(f, loader) for f in series.files]
+    expected = tuple(slices[0].shape)
+    for f, s in zip(series.files, slices):
+        if tuple(s.shape) != expected or len(expected) != 3:
+            raise BadImageError(f, f"decodes to shape {tuple(s.shape)}; the series' first slice has {expected}")
+    dtypes = {s.dtype for s in slices}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    array = torch.stack([s.as_tensor().to(dtype) for s in slices], dim=-1)
+    meta = copy.deepcopy(dict(slices[0].meta))
+    meta.pop("affine", None)
+    affine = series.affine.copy()
+    meta.update(
+        {
+            "filename_or_obj": series.folder,
+            "original_affine": affine,
+            "spatial_shape": np.array(array.shape[1:]),
+            "spacing": np.linalg.norm(affine[:3, :3], axis=0),
+        }
+    )
+    return MetaTensor(array, affine=torch.as_tensor(affine), meta=meta)

@@ -111,16 +111,19 @@ def install_request_hooks() -> None:
         checked_run._sagan_hook = True  # type: ignore[attr-defined]
         AsyncTask.run = staticmethod(checked_run)  # type: ignore[method-assign]
 
+    # MONAI Label unloads lib/ whenever it loads an app (monailabel.utils.others.class_utils.module_from_file): an
+    # app started again in the same process has a new lib.server and UPLOAD_NAME, whose hook replaces the old one
     run_inference = infer_endpoint.run_inference
-    if not getattr(run_inference, "_sagan_hook", False):
+    if getattr(run_inference, "_sagan_hook", None) is not UPLOAD_NAME:
+        original = run_inference.__wrapped__ if getattr(run_inference, "_sagan_hook", None) else run_inference
 
-        @functools.wraps(run_inference)
+        @functools.wraps(original)
         def named_run_inference(background_tasks, model, image, session_id, params, file, label, output):
             token = UPLOAD_NAME.set(file.filename if file is not None and file.filename else None)
             try:
-                return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+                return original(background_tasks, model, image, session_id, params, file, label, output)
             finally:
                 UPLOAD_NAME.reset(token)
 
-        named_run_inference._sagan_hook = True  # type: ignore[attr-defined]
+        named_run_inference._sagan_hook = UPLOAD_NAME  # type: ignore[attr-defined]
         infer_endpoint.run_inference = named_run_inference
