@@ -326,3 +326,25 @@ def test_evaluating_reports_slice_and_volume_level(trained_on_volumes):
         assert int(row["slices_scored"]) == len(expected[volume][1]) and int(row["slices"]) == SHAPE[2]
         assert int(row["label"]) == expected[volume][0]
     assert f"volume_auc {metrics['volume_auc']:.4f}" in log and "volume level: 6 volumes" in log
+
+
+@pytest.mark.parametrize("config_files", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_evaluation_and_inference_slice_along_the_models_axis(tmp_path, config_files):
+    """The axis a model was trained along is recorded in it and read back by evaluation and inference; models of
+    0.10 and before record none and get the last axis."""
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import SAGANGenerator
+    from bundle.settings import DEFAULT_SETTINGS, model_file_contents
+
+    net = SAGANGenerator(**{k: v for k, v in DEFAULT_SETTINGS["network_def"].items() if k != "_target_"})
+    for recorded, expected in ((0, 0), (None, -1)):
+        settings = {"network_def": DEFAULT_SETTINGS["network_def"], "image_size": 64, "threshold": 0.1}
+        if recorded is not None:
+            settings["slice_axis"] = recorded
+        path = tmp_path / f"model_{recorded}.pt"
+        torch.save(model_file_contents(net.state_dict(), settings), path)
+        parser = ConfigParser()
+        parser.read_config([os.path.join(ROOT, "configs", name) for name in config_files])
+        parser["model_path"] = str(path)
+        assert parser.get_parsed_content("slice_axis") == expected
