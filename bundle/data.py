@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import torch
 from monai.transforms import Randomizable, apply_transform
 from monai.utils import MAX_SEED
 
-from .transforms.io import SLICE_INDEX_KEY, BadImageError, LoadGrayscaleImaged, dicom_series_under
+from .transforms.io import SLICE_INDEX_KEY, VOLUME_LOCK, BadImageError, LoadGrayscaleImaged, dicom_series_under
 
 if TYPE_CHECKING:
     from .volumes import VolumeSlices
@@ -351,7 +350,6 @@ class ImageCache(torch.utils.data.Dataset):
         self._cached: list[dict] | None = None
         self.volumes: dict[str, VolumeSlices] = {}
         self.slice_rows: dict[str, tuple[str, int]] = {}
-        self._volume_lock = threading.Lock()
         slice_axis = self._volume_slice_axis(transform, slice_axis)
         decode = cache or (validate and on_bad_image == "skip")
         if slice_axis is not None:
@@ -381,12 +379,12 @@ class ImageCache(torch.utils.data.Dataset):
         """The axis to expand volumes along, or None when the items are taken as they are: no volume among them,
         ``slice_axis`` None, or a ``transform`` that does not load slice items (no
         :class:`~bundle.transforms.LoadGrayscaleImaged`, or one with the model's fixed ``slice_index``)."""
-        from .volumes import _is_volume_file, check_slice_axis
+        from .volumes import check_slice_axis
 
         if slice_axis is None:
             return None
         axis = check_slice_axis(slice_axis)
-        if not any(_is_volume_file(item.get("image")) for item in self.items):
+        if not any(_is_nifti(item.get("image")) for item in self.items):  # data.json lists files, no series
             return None
         loaders = _image_loaders(transform)
         if not loaders:
@@ -451,7 +449,7 @@ class ImageCache(torch.utils.data.Dataset):
         as :meth:`_try` gives it (True without ``decode``). A volume without a foreground slice, or a 4D series,
         gives a :class:`BadImageError` (a 4D series raises it when bad images are errors)."""
         if _is_nifti(item.get("image")):
-            with self._volume_lock:
+            with VOLUME_LOCK:  # its slices are decoded while it is the kept volume
                 group = self._load_volume(item, slice_axis, loader, keep, decode)
             if group is not None:
                 return group
@@ -482,16 +480,6 @@ class ImageCache(torch.utils.data.Dataset):
             sliced = [{**s, "mask": ""} for s in sliced]
         self.volumes[info.filename] = info
         return [(s, self._try(s, keep=keep) if decode else True) for s in sliced]
-
-    def __getstate__(self) -> dict:
-        """Pickling (DataLoader workers started by spawn): everything but the construction lock."""
-        state = dict(self.__dict__)
-        state.pop("_volume_lock", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._volume_lock = threading.Lock()
 
     def _decode(self, item: dict) -> dict:
         try:

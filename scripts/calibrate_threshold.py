@@ -44,7 +44,8 @@ from bundle.settings import model_file_contents, read_model  # noqa: E402
 
 
 def anomaly_scores(model: str, files: list[str]) -> np.ndarray:
-    """The model's anomaly scores (n,) of ``files``, computed by the bundle's inference workflow."""
+    """The model's anomaly scores of ``files``, computed by the bundle's inference workflow: one per 2D image and
+    one per scored slice of a volume (rows ``<file>#slice=<k>``; the threshold is on slice scores, as in training)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -54,10 +55,11 @@ def anomaly_scores(model: str, files: list[str]) -> np.ndarray:
         parser.get_parsed_content("inferring")
         with open(os.path.join(out, "scores.csv")) as f:
             scores = {row[0]: float(row[1]) for row in csv.reader(f)}
-    missing = [f for f in files if f not in scores]
+    per_file = {f: [v for name, v in scores.items() if name == f or name.startswith(f"{f}#slice=")] for f in files}
+    missing = [f for f, values in per_file.items() if not values]
     if missing:
         raise RuntimeError(f"{len(missing)} images were not scored, e.g. {missing[0]}")
-    return np.array([scores[f] for f in files])
+    return np.array([v for f in files for v in per_file[f]])
 
 
 def main(argv: list[str] | None = None) -> None:

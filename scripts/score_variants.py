@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bundle.data import ImageCache, labelled_items, load_medad_datalist  # noqa: E402
-from bundle.settings import generator_from_settings, read_model  # noqa: E402
+from bundle.settings import generator_from_settings, read_model, settings_from_model  # noqa: E402
 
 
 def _top_fraction(maps: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -62,7 +62,8 @@ REDUCTIONS = {
 
 def heat_maps(model_path: str, dataset_dir: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
     """(N, C, H, W) heat maps |x - x'| in [0, 2] of ``split`` and its (N,) labels, with the model's preprocessing."""
-    state_dict, settings = read_model(model_path)
+    state_dict, stored = read_model(model_path)
+    settings = settings_from_model(state_dict, stored)
     generator = generator_from_settings(settings)
     generator.load_state_dict({k: v.float() for k, v in state_dict.items()})
     generator.eval()

@@ -285,3 +285,14 @@ def test_radiographs_of_one_series_and_inconsistent_series_stay_2d_files(tmp_pat
         items = list_images(str(ct))
     assert items == [{"image": str(ct / f"{name}.dcm")} for name in names]
     assert f"{ct}: series " in caplog.text and "different Rows x Columns" in caplog.text
+
+
+def test_volumes_with_the_same_name_get_distinct_outputs(tmp_path, caplog):
+    """Two series folders both named CT (p1/CT, p2/CT) and a CT.nii.gz: no output file replaces another."""
+    from bundle.handlers import VolumeAggregator
+
+    aggregator = VolumeAggregator(output_dir=str(tmp_path))
+    names = [aggregator._output_name(str(tmp_path / p)) for p in ("p1/CT", "p2/CT", "CT.nii.gz", "CT_2")]
+    assert names == ["CT", "CT_2", "CT_3", "CT_2_2"]
+    assert "another volume's outputs are named CT_*: this one's are CT_2_*" in caplog.text
+    assert aggregator._output_name(".") == os.path.basename(os.getcwd())  # never hidden "._seg.dcm" files

@@ -297,3 +297,19 @@ def test_2d_inputs_keep_their_rows_and_outputs(inferred):
     assert len(alone) == 1 and alone[0][0] == str(root / "flat" / "chest.png")
     assert np.allclose([float(v) for v in alone[0][1:]], [float(v) for v in beside_a_volume[0][1:]], rtol=1e-5)
     assert sorted(os.listdir(root / "flat_out")) == ["chest_heatmap.png", "scores.csv"]  # no volumes.csv
+
+
+def test_threshold_calibration_takes_every_scored_slice_of_a_normal_volume(tmp_path):
+    """scripts/calibrate_threshold.py given a volume (e.g. a site's normal scans): its scores are the slice rows of
+    inference (the threshold is on slice scores), not a missing row named by the file."""
+    import importlib.util
+
+    from bundle.pretrained import pretrained_model_path
+
+    spec = importlib.util.spec_from_file_location("calibrate", os.path.join(ROOT, "scripts", "calibrate_threshold.py"))
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    volume = str(tmp_path / "normal.nii.gz")
+    scored = foreground_slices(make_volume(volume), 2)
+    scores = calibrate.anomaly_scores(pretrained_model_path(), [volume])
+    assert len(scores) == len(scored) > 1 and np.all(np.isfinite(scores))

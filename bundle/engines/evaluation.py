@@ -9,6 +9,7 @@ TensorBoard logs at the trainer's iteration, early stopping) is built here, wher
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,14 @@ from ..handlers.evaluation_report import VolumeLevelMetrics
 
 __all__ = ["SelectionEvaluator"]
 
+logger = logging.getLogger(__name__)
+
+
+def _world_size() -> int:
+    """Processes of a torch.distributed run, 1 for a single process."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
 
 def _is_rank_zero() -> bool:
     """Rank 0 of a torch.distributed run, or a single process."""
@@ -51,12 +60,12 @@ class SelectionEvaluator(SupervisedEvaluator):
     (``metric_name``) and, with ``ap_metric_name``, the average precision of ``score`` against ``label``.
 
     Handlers, attached in this order: ``operating_point`` (every rank: it sets the thresholds and adds its metrics
-    before they are logged), for a data set of volumes taken slice by slice (an :class:`~bundle.data.ImageCache`
-    with ``slice_rows``) a :class:`~bundle.handlers.VolumeLevelMetrics` (``<prefix>volume_auc`` / ``volume_ap``, e.g.
-    ``val_volume_auc``: one score per volume, its top slice's; the key metric stays per slice), a ``StatsHandler``
-    (console, tag ``tag_name``) and a ``TensorBoardStatsHandler``
-    (``summary_writer``, step = ``trainer.state.iteration``; both on rank 0 only), then ``val_handlers`` (e.g. the
-    :class:`~bundle.selection.BestModelSaver`; tracking handlers are appended to that list), then, when
+    before they are logged); for a data set of volumes taken slice by slice (an :class:`~bundle.data.ImageCache`
+    with ``slice_rows``; single process only) a :class:`~bundle.handlers.VolumeLevelMetrics` (``<prefix>volume_auc``
+    / ``volume_ap``, e.g. ``val_volume_auc``: one score per volume, its top slice's; the key metric stays per
+    slice); a ``StatsHandler`` (console, tag ``tag_name``) and a ``TensorBoardStatsHandler`` (``summary_writer``,
+    step = ``trainer.state.iteration``; both on rank 0 only); then ``val_handlers`` (e.g. the
+    :class:`~bundle.selection.BestModelSaver`; tracking handlers are appended to that list); then, when
     ``early_stop_patience > 0`` and ``early_stop_metric`` is one of this evaluator's metrics, an
     ``EarlyStopHandler`` that ends ``trainer`` after ``early_stop_patience`` validations without improvement.
 
@@ -104,7 +113,10 @@ class SelectionEvaluator(SupervisedEvaluator):
         additional = {ap_metric_name: AveragePrecision(output_transform=scored)} if ap_metric_name else None
         handlers: list = [operating_point]
         if getattr(dataset, "slice_rows", None):  # labelled volumes taken slice by slice: one score per volume too
-            handlers.append(VolumeLevelMetrics(prefix=metric_name.removesuffix("auc")))
+            if _world_size() == 1:
+                handlers.append(VolumeLevelMetrics(prefix=metric_name.removesuffix("auc")))
+            elif _is_rank_zero():  # each rank sees a share of every volume's slices, never a whole volume
+                logger.warning(f"{tag_name}: no volume-level AUC in multi-GPU training (the slice-level AUC is kept).")
         if _is_rank_zero():
             handlers += [
                 StatsHandler(tag_name=tag_name, iteration_log=False),

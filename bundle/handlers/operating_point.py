@@ -83,8 +83,8 @@ class OperatingPointHandler:
         network: the generator being validated (its ``hparams`` are recorded).
         image_size: side of the square model input.
         slice_index: slice taken from 3D inputs, or None.
-        slice_axis: the axis along which 3D volumes were taken slice by slice (recorded, so that evaluation and
-            inference slice the same way).
+        slice_axis: the axis along which 3D volumes were taken slice by slice, or None (volumes not sliced);
+            recorded, so that evaluation and inference slice the same way.
         specificity: share of normal val images below the score threshold, in (0, 1).
         pixel_quantile: quantile of normal heat-map pixels that sets the region threshold, in (0, 1).
         score_key, label_key, map_key: keys of the decollated evaluator output (``AnomalyScored``'s output).
@@ -95,7 +95,7 @@ class OperatingPointHandler:
         network: nn.Module,
         image_size: int,
         slice_index: int | None = None,
-        slice_axis: int = -1,
+        slice_axis: int | None = -1,
         specificity: float = 0.95,
         pixel_quantile: float = 0.99,
         score_key: str = "score",
@@ -108,7 +108,7 @@ class OperatingPointHandler:
         self.network = network
         self.image_size = int(image_size)
         self.slice_index = slice_index
-        self.slice_axis = int(slice_axis)
+        self.slice_axis = None if slice_axis is None else int(slice_axis)
         self.specificity = float(specificity)
         self.pixel_quantile = float(pixel_quantile)
         self.score_key, self.label_key, self.map_key = score_key, label_key, map_key

@@ -143,6 +143,7 @@ class VolumeAggregator:
         self.image_key, self.map_key = image_key, map_key
         self._current: _Volume | None = None
         self._rows: list[dict[str, Any]] = []
+        self._names: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
         """Collects every iteration's output and writes the last volume and volumes.csv when the run completes."""
@@ -151,7 +152,25 @@ class VolumeAggregator:
         engine.add_event_handler(Events.COMPLETED, self.complete)
 
     def _reset(self, _engine: Engine | None = None) -> None:
-        self._current, self._rows = None, []
+        self._current, self._rows, self._names = None, [], set()
+
+    def _output_name(self, filename: str) -> str:
+        """The stem of a volume's output files: its file name without .nii/.nii.gz (a series: its folder's name),
+        with ``_2``, ``_3`` ... added when an earlier volume of this run had the same stem (e.g. ``p1/CT`` and
+        ``p2/CT``), so that no output replaces another."""
+        name = os.path.basename(os.path.abspath(filename))
+        for suffix in (".nii.gz", ".nii"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        unique, k = name, 1
+        while unique in self._names:
+            k += 1
+            unique = f"{name}_{k}"
+        if unique != name:
+            logger.warning(f"{filename}: another volume's outputs are named {name}_*: this one's are {unique}_*.")
+        self._names.add(unique)
+        return unique
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
@@ -198,11 +217,7 @@ class VolumeAggregator:
         if volume is None:
             return
         heat, label = self._volume_maps(volume)
-        name = os.path.basename(volume.filename)
-        for suffix in (".nii.gz", ".nii"):
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
+        name = self._output_name(volume.filename)
         os.makedirs(self.output_dir, exist_ok=True)
         self._save_nifti(heat, volume.affine, os.path.join(self.output_dir, f"{name}_heatmap.nii.gz"))
         self._save_nifti(label, volume.affine, os.path.join(self.output_dir, f"{name}_label.nii.gz"))
@@ -219,7 +234,7 @@ class VolumeAggregator:
             f"{decision}."
         )
         if series is not None and self.output_format == "dicom":
-            self._write_dicom(series, volume, label, row)
+            self._write_dicom(series, volume, label, row, name)
         if row["in_domain_slices"] != "" and row["in_domain_slices"] < row["slices_scored"]:
             outside = row["slices_scored"] - row["in_domain_slices"]
             logger.warning(
@@ -227,7 +242,9 @@ class VolumeAggregator:
                 "domain: their scores are not calibrated."
             )
 
-    def _write_dicom(self, series: DicomSeries, volume: _Volume, label: np.ndarray, row: dict[str, Any]) -> None:
+    def _write_dicom(
+        self, series: DicomSeries, volume: _Volume, label: np.ndarray, row: dict[str, Any], name: str
+    ) -> None:
         """The SEG and SR of a DICOM series (:func:`bundle.transforms.dicom_output.write_series_seg_sr`)."""
         from ..transforms.dicom_output import model_identity, write_series_seg_sr
 
@@ -235,7 +252,7 @@ class VolumeAggregator:
             self._model = model_identity(self.model_path)
         result = {"threshold": self.threshold, "alpha": self.alpha, "pixel_threshold": self.pixel_threshold}
         mask = None if self.pixel_threshold is None else label
-        write_series_seg_sr(series, mask, row, {**result, **self._model}, self.output_dir, volume.slice_axis)
+        write_series_seg_sr(series, mask, row, {**result, **self._model}, self.output_dir, volume.slice_axis, name)
 
     def _volume_maps(self, volume: _Volume) -> tuple[np.ndarray, np.ndarray]:
         """(S0, S1, S2) float32 heat map and uint8 label map of the volume."""

@@ -471,9 +471,10 @@ def write_series_seg_sr(
     result: Mapping[str, Any],
     output_dir: str,
     slice_axis: int = 2,
+    name: str | None = None,
 ) -> list[str]:
-    """Writes ``<output_dir>/<folder name>_seg.dcm`` and ``<folder name>_sr.dcm`` for a DICOM series scored slice by
-    slice: ONE SEG whose frames are the slices of ``label`` that hold a region, each on its source instance (every
+    """Writes ``<output_dir>/<name>_seg.dcm`` and ``<name>_sr.dcm`` for a DICOM series scored slice by slice: ONE
+    SEG whose frames are the slices of ``label`` that hold a region, each on its source instance (every
     instance of the series referenced), and ONE SR with the volume result (:func:`build_series_structured_report`;
     the measurement group's source image is the top slice's instance when the slices were taken along the
     instances, ``slice_axis`` 2).
@@ -486,6 +487,7 @@ def write_series_seg_sr(
         result: ``threshold``, ``alpha``, ``pixel_threshold`` and :func:`model_identity`.
         output_dir: where the files go.
         slice_axis: the axis the slices were scored along.
+        name: the stem of the two file names (default: the series folder's name).
 
     Returns:
         The paths written. A SEG or SR that highdicom cannot build is named in a warning, not raised.
@@ -493,7 +495,7 @@ def write_series_seg_sr(
     import pydicom
 
     os.makedirs(output_dir, exist_ok=True)
-    name = os.path.basename(series.folder)
+    name = name or os.path.basename(os.path.abspath(series.folder))
     seg_path, sr_path = (os.path.join(output_dir, f"{name}_{kind}.dcm") for kind in ("seg", "sr"))
     sources = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in series.files]
     written = []

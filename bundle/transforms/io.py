@@ -230,6 +230,9 @@ def load_grayscale(filename: str, slice_index: int | None = None, loader: LoadIm
 # the last volume read_volume decoded, by (real path, modification time, size): the slices of a volume are loaded
 # one after the other, and a volume decoded once per slice would cost its whole size per slice
 _last_volume: tuple[tuple[str, int, int], MetaTensor] | None = None
+# guards _last_volume; hold it (re-entrant) around reading all the slices of one volume so that no other thread
+# replaces the kept volume in between (ImageCache at start-up, MONAI Label requests in threads)
+VOLUME_LOCK = threading.RLock()
 
 
 def read_volume(filename: str, loader: LoadImage | None = None) -> MetaTensor:
@@ -245,12 +248,12 @@ def read_volume(filename: str, loader: LoadImage | None = None) -> MetaTensor:
         key = (os.path.realpath(filename), stat.st_mtime_ns, stat.st_size)
     except OSError:
         key = None  # _read_checked names the problem
-    if key is None or _last_volume is None or _last_volume[0] != key:
-        volume = _read_checked(filename, loader)
-        if key is None:
-            return volume
-        _last_volume = (key, volume)
-    return _last_volume[1]
+    if key is None:
+        return _read_checked(filename, loader)
+    with VOLUME_LOCK:
+        if _last_volume is None or _last_volume[0] != key:
+            _last_volume = (key, _read_checked(filename, loader))
+        return _last_volume[1]
 
 
 def load_grayscale_slice(
