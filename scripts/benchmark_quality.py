@@ -401,7 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=os.path.join("..", "shared", "data"))
     parser.add_argument("--datasets", nargs="+", default=["kermany_pneumonia"])
-    parser.add_argument("--variants", nargs="*", default=["sagan"], choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        help="variants to train (default: sagan; none when --report or --references is given alone)",
+    )
     parser.add_argument("--preset", default="cpu", choices=["demo", "cpu", "paper"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out_root", default=os.path.join(ROOT, "runs", "benchmark"))
@@ -420,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         "--unlabeled_size", type=int, help="|T_u| (recorded; a set whose unlabeled pool cannot give |T_n| at the ratio)"
     )
     args = parser.parse_args(argv)
+    if args.variants is None:  # --report / --references alone: tables and reference rows, no training
+        args.variants = [] if (args.report or args.references) else ["sagan"]
     schedule = {
         k: str(getattr(args, k))
         for k in ("iterations", "val_interval", "max_minutes", "num_workers", "batch_size", "unlabeled_size")
