@@ -11,6 +11,7 @@ from bundle.acceleration import FusedInstanceNormAct2d, LayoutAwareInstanceNorm2
 from bundle.acceleration.winograd import WinogradConv2d
 from bundle.engines import epochs_for
 from bundle.settings import DEFAULT_SETTINGS
+from bundle.transforms import preprocessing
 
 from .conftest import ROOT
 
@@ -85,6 +86,7 @@ def test_inference_preprocessing_is_the_training_preprocessing(image_size, slice
     train, infer = (transform_args(p.get_parsed_content("preprocessing")) for p in (train, infer))
     assert len(infer) == 3 and train[:-1] == infer
     assert train[-1][0] == "EnsureTyped" and train[-1][1]["converter"][1]["track_meta"] is False
+    assert transform_args(preprocessing(image_size, slice_index, keep_metadata=True)) == infer
 
 
 def test_yaml_override_merges_with_json(tmp_path):

@@ -1,14 +1,11 @@
 """The plumbing that keeps ``configs/train.json`` a recipe: ``SelectionEvaluator`` (the val / pseudo-AUC evaluators),
 ``TrainingLogs`` (the trainer's loggers) and ``bundle.transforms.preprocessing``."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.bundle import ConfigParser
 from monai.handlers import EarlyStopHandler, StatsHandler, TensorBoardStatsHandler
 from PIL import Image
 from torch import nn
@@ -16,8 +13,6 @@ from torch import nn
 from bundle.engines import SelectionEvaluator, TrainingLogs
 from bundle.handlers import RestorationImageHandler
 from bundle.transforms import AnomalyScored, preprocessing
-
-from .conftest import ROOT
 
 
 class ZeroNet(nn.Module):
@@ -156,35 +151,3 @@ def test_preprocessing_grey_resized_and_scaled(tmp_path):
     assert -1.0 <= out.min() < out.max() <= 1.0
     kept = preprocessing(image_size=8, keep_metadata=True)({"image": path})["image"]
     assert type(kept).__name__ == "MetaTensor" and torch.allclose(kept.as_tensor(), out)
-
-
-def parsed(config: str, key: str, **overrides):
-    parser = ConfigParser()
-    parser.read_config(os.path.join(ROOT, "configs", config))
-    parser.update(overrides)
-    return parser.get_parsed_content(key)
-
-
-def transform_args(transform) -> list:
-    """Each transform of a Compose as (class name, its plain attributes, recursively)."""
-
-    def plain(obj, depth=0):
-        if isinstance(obj, (str, int, float, bool, type(None))):
-            return obj
-        if isinstance(obj, (list, tuple)):
-            return [plain(v, depth) for v in obj]
-        if depth < 2 and hasattr(obj, "__dict__"):
-            return (type(obj).__name__, {k: plain(v, depth + 1) for k, v in vars(obj).items() if k != "R"})
-        return type(obj).__name__
-
-    return [plain(t) for t in transform.transforms]
-
-
-def test_training_preprocessing_is_the_inference_preprocessing():
-    """train.json's ``preprocessing`` (the factory) equals inference.json's own block, plus the step that drops the
-    metadata for the caches."""
-    train = transform_args(parsed("train.json", "preprocessing", image_size=48, slice_index=2))
-    infer = transform_args(parsed("inference.json", "preprocessing", image_size=48, slice_index=2))
-    assert train[:-1] == infer and len(infer) == 3
-    assert train[-1][0] == "EnsureTyped"
-    assert transform_args(preprocessing(48, 2, keep_metadata=True)) == infer
