@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -28,6 +26,7 @@ from bundle.transforms.io import BadImageError
 from bundle.volumes import VolumeSlices, foreground_slices
 
 from .conftest import ROOT
+from .test_bundle_e2e import bundle_run
 
 SHAPE = (32, 32, 16)  # slices along the last axis, 32 x 32 each
 LESION_SLICES = (6, 7, 8)
@@ -256,20 +255,6 @@ def test_volume_level_validation_metrics_are_added_only_for_volumes():
     assert volume_cases(rows, slice_rows) == {"a": (0, 0.5), "b": (1, 0.9), "c": (0, 0.35), "d": (1, 0.4)}
     with pytest.raises(ValueError, match="a: its slices carry the labels 0 and 1"):
         volume_cases(rows + [("a#slice=3", 1, 0.1)], {**slice_rows, "a#slice=3": ("a", 3)})
-
-
-def bundle_run(run_id, *args) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", run_id, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert " - ERROR - " not in log, log[-4000:]
-    return log
 
 
 @pytest.fixture(scope="module")
